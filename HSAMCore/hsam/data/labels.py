@@ -4,8 +4,8 @@ No torch here: the Slicer panel reads label sets before torch is installed.
 
 A label set lists the foreground classes of a model; value 0 is always background and is not listed.
 Slicer stores terminology on each segment as one string (``Segment.GetTerminologyEntryTagName()``):
-``context~category~type~typeModifier~anatomicContext~anatomicRegion~anatomicRegionModifier|`` where each
-coded entry is ``scheme^value^meaning``.
+``context~category~type~typeModifier~anatomicContext~anatomicRegion~anatomicRegionModifier`` where each
+coded entry is ``scheme^value^meaning`` (in a ``.seg.nrrd`` header a ``|`` ends each tag).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Terminology:
     def to_slicer_tag(self) -> str:
         modifier = self.modifier.to_slicer() if self.modifier else "^^"
         return (f"{TERMINOLOGY_CONTEXT}~{self.category.to_slicer()}~{self.type.to_slicer()}~{modifier}"
-                f"~{ANATOMIC_CONTEXT}~^^~^^|")
+                f"~{ANATOMIC_CONTEXT}~^^~^^")
 
     @classmethod
     def from_slicer_tag(cls, tag: str) -> "Terminology":
@@ -165,23 +165,27 @@ class LabelSet:
 
     @classmethod
     def from_table(cls, path: str | Path, name: str | None = None) -> "LabelSet":
-        """Read a label table: our JSON layout, or a CSV/TSV with columns ``value,name[,r,g,b]``
-        (a header row is optional; missing colours get a distinct default)."""
+        """Read a label table: our JSON layout, a CSV/TSV with columns ``value,name[,r,g,b]`` (a header
+        row is optional; missing colours get a distinct default), or a Slicer/ITK-SNAP-style colour
+        table (``.ctbl``/``.txt``/``.lut``: ``value name r g b [a]`` separated by blanks, ``_`` for spaces)."""
         path = Path(path)
-        if path.suffix.lower() == ".json":
+        suffix = path.suffix.lower()
+        if suffix == ".json":
             return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
-        delimiter = "\t" if path.suffix.lower() in (".tsv", ".txt", ".ctbl") else ","
+        if suffix in (".ctbl", ".txt", ".lut"):
+            rows = [line.split() for line in path.read_text(encoding="utf-8").splitlines()]
+            rows = [[row[0], row[1].replace("_", " "), *row[2:]] if len(row) >= 2 else row for row in rows]
+        else:
+            with path.open(encoding="utf-8", newline="") as fh:
+                rows = list(csv.reader(fh, delimiter="\t" if suffix == ".tsv" else ","))
         classes = []
-        with path.open(encoding="utf-8", newline="") as fh:
-            for row in csv.reader(fh, delimiter=delimiter):
-                row = [c.strip() for c in row if c.strip()]
-                if not row or row[0].startswith("#") or not row[0].lstrip("-").isdigit():
-                    continue
-                value = int(row[0])
-                if value == 0:
-                    continue
-                color = tuple(int(float(c)) for c in row[2:5]) if len(row) >= 5 else default_color(value)
-                classes.append(LabelClass(value=value, name=row[1], color=color))
+        for row in rows:
+            row = [c.strip() for c in row if c.strip()]
+            if not row or row[0].startswith("#") or not row[0].lstrip("-").isdigit() or int(row[0]) == 0:
+                continue
+            value = int(row[0])
+            color = tuple(int(float(c)) for c in row[2:5]) if len(row) >= 5 else default_color(value)
+            classes.append(LabelClass(value=value, name=row[1], color=color))
         return cls(name=name or path.stem, classes=tuple(classes))
 
 

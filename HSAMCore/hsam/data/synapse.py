@@ -7,7 +7,8 @@ from ..description import OrientationSpec
 # See hsam/data/tables/synapse_orientation_notes.md for the sources and the derivation.
 SYNAPSE_ORIENTATION = OrientationSpec(
     slice="S", row="P", column="L", verified=False,
-    source="assumption: BTCV NIfTI voxel order kept by the TransUNet preprocessing (slices along k, "
-           "rows along j, columns along i; DICOM-like axial order); not confirmed by a public source, "
-           "override with --orientation",
+    source=("training arrays = np.transpose(nibabel get_fdata(), (2, 1, 0)) of the BTCV RawData NIfTI "
+            "(hitachinsk/SAMed and Cccccczh404/H-SAM preprocess/preprocess_data.py: rows = voxel axis j, "
+            "columns = i, slices = k; confirmed); the raw files' axis directions (assumed L,P,S as DICOM-"
+            "converted axial CT) were not found in any public source: unverified, override with --orientation"),
 )

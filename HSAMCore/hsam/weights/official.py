@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.labels import SYNAPSE_ORGANS, LabelSet
-from ..description import IntensitySpec, ModelDescription, OrientationSpec, sam_vit_architecture
+from ..description import IntensitySpec, ModelDescription, sam_vit_architecture
 from ..errors import ModelFileError
 from .checkpoints import KIND_HSAM_OFFICIAL, KIND_SAM, detect_kind, load_torch_checkpoint
 

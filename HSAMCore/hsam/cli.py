@@ -1,0 +1,36 @@
+"""The ``hsam`` command. Sub-commands are mounted from their packages (``hsam models`` from
+``hsam.weights.cli``); nothing here imports torch, so ``hsam models list`` works before torch is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import HSAMError
+from .weights.cli import add_models_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hsam`` argument parser with every sub-command mounted."""
+    parser = argparse.ArgumentParser(prog="hsam", description="H-SAM prompt-free multi-organ segmentation")
+    parser.add_argument("--version", action="version", version=f"hsam {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    add_models_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``hsam``; returns the exit code (0 ok, 2 for an HSAMError, printed without a traceback)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except HSAMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
