@@ -9,6 +9,7 @@ import sys
 
 from . import __version__
 from .errors import HSAMError
+from .segment_cli import add_segment_parser
 from .weights.cli import add_models_parser
 
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hsam {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
+    add_segment_parser(subparsers)
     add_models_parser(subparsers)
     return parser
 
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except HSAMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

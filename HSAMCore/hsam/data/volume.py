@@ -15,8 +15,9 @@ import SimpleITK as sitk
 
 from ..errors import InputVolumeError
 
-FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-SUPPORTED_TEXT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
+FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".inv3")
+SUPPORTED_TEXT = ("NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), InVesalius (.inv3) or a "
+                  "DICOM series folder")
 
 # DICOM tags copied from the series onto the image's metadata (no patient identifiers).
 DICOM_TAGS_KEPT = {"0008|0060": "Modality", "0020|000e": "SeriesInstanceUID", "0008|103e": "SeriesDescription"}
@@ -190,6 +191,9 @@ def read_image(path: str | Path, series_uid: str | None = None) -> sitk.Image:
         raise InputVolumeError(f"{path} is not readable (permission denied): check the file's permissions")
     if path.stat().st_size == 0:
         raise InputVolumeError(f"{path} is an empty file (0 bytes): the copy or download may have failed")
+    if path.suffix.lower() == ".inv3":
+        from .inv3 import read_inv3
+        return read_inv3(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:

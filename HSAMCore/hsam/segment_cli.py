@@ -1,0 +1,94 @@
+"""``hsam segment``: a volume file or DICOM folder in, a segmentation file out."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .description import OrientationSpec
+
+DEFAULT_MODEL = "hsam-synapse-10pct"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model NAME | --checkpoint FILE [--sam-checkpoint FILE]`` (shared by segment, worker, bench)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--model", help=f"registry model or user model name (default {DEFAULT_MODEL}; "
+                                       "see `hsam models list`) or a .safetensors model file")
+    group.add_argument("--checkpoint", help="a model file (.safetensors) or an official H-SAM .pth")
+    parser.add_argument("--sam-checkpoint", help="SAM ViT checkpoint for an official H-SAM .pth")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: automatic)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--orientation", help="override the model's slice orientation: 3 letters for "
+                                              "(slice, row, column), e.g. SPL")
+    parser.add_argument("--authors-roundtrip", type=int, metavar="PX",
+                        help="reproduce the authors' tester: resize each slice to PX (224) and back, bicubic, "
+                             "before the model (for comparison with published numbers only)")
+
+
+def add_segment_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "segment", help="segment a CT volume into organs",
+        description="Segment IN (NIfTI, NRRD, MetaImage, InVesalius .inv3 or a DICOM folder) into OUT: "
+                    "a .seg.nrrd Slicer segmentation (named, coloured, terminology-coded segments) or a "
+                    ".nii.gz/.nrrd label map, on IN's exact voxel grid.")
+    parser.add_argument("input", metavar="IN")
+    parser.add_argument("output", metavar="OUT")
+    add_model_arguments(parser)
+    add_run_arguments(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_segment)
+
+
+def load_from_args(args):
+    from .weights.loader import load_model
+
+    model = args.model if args.model or args.checkpoint else DEFAULT_MODEL
+    return load_model(model=model, checkpoint=args.checkpoint, sam_checkpoint=args.sam_checkpoint)
+
+
+def run_options(args) -> dict:
+    return dict(device=args.device, batch_size=args.batch_size, precision=args.precision,
+                orientation=OrientationSpec.from_code(args.orientation) if args.orientation else None,
+                authors_roundtrip=args.authors_roundtrip)
+
+
+def run_segment(args) -> int:
+    from .data.segfile import is_segmentation_path
+    from .engine.pipeline import segment_file
+    from .errors import CancelledError
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    if not (is_segmentation_path(args.output) or args.output.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha"))):
+        from .errors import HSAMError
+        raise HSAMError(f"output {args.output}: use .seg.nrrd (Slicer segmentation) or .nii.gz/.nii/.nrrd/.mha "
+                        "(label map)")
+    loaded = load_from_args(args)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=0, unit="slice", desc="segmenting", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        result = segment_file(args.input, args.output, loaded, progress=progress, **run_options(args))
+    except KeyboardInterrupt as exc:
+        raise CancelledError("cancelled: nothing was written") from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    found = result.present_classes()
+    print(f"wrote {args.output}: {len(found)} of {len(result.labelset.classes)} classes found "
+          f"({', '.join(found) or 'none'}) in {result.seconds:.1f} s with {result.model_name}")
+    return 0

@@ -1,0 +1,121 @@
+"""``python -m hsam.worker``: the background process the Slicer module runs (JSON-lines protocol).
+
+    python -m hsam.worker segment --input IN.nrrd --output OUT.nrrd [--model ID | --checkpoint FILE
+        [--sam-checkpoint FILE]] [--device auto] [--batch-size N]
+
+stdout carries only protocol lines (``hsam.worker_protocol``); everything else — library output, Python
+warnings, tracebacks of internal errors — goes to stderr. The output is a label map on IN's voxel grid,
+written atomically; a killed (cancelled) worker leaves no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from typing import TextIO
+
+from . import worker_protocol as wp
+from .errors import CancelledError, DiskFullError, HSAMError, InputVolumeError, ModelFileError
+
+
+class ProtocolWriter:
+    """Writes protocol messages to the real stdout, one flushed line each."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def send(self, message: wp.Message) -> None:
+        self.stream.write(wp.encode(message) + "\n")
+        self.stream.flush()
+
+
+class ProtocolLogHandler(logging.Handler):
+    def __init__(self, writer: ProtocolWriter) -> None:
+        super().__init__(level=logging.INFO)
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "error" if record.levelno >= logging.ERROR else "warning" if record.levelno >= logging.WARNING \
+            else "info"
+        self.writer.send(wp.Log(message=self.format(record), level=level))
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, CancelledError):
+        return "cancelled"
+    if isinstance(exc, DiskFullError):
+        return "disk"
+    if isinstance(exc, InputVolumeError):
+        return "input"
+    if isinstance(exc, ModelFileError):
+        return "model"
+    return "input" if isinstance(exc, HSAMError) else "internal"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .segment_cli import add_model_arguments, add_run_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m hsam.worker")
+    sub = parser.add_subparsers(dest="command", required=True)
+    seg = sub.add_parser("segment")
+    seg.add_argument("--input", required=True)
+    seg.add_argument("--output", required=True)
+    add_model_arguments(seg)
+    add_run_arguments(seg)
+    return parser
+
+
+def run_segment(args, writer: ProtocolWriter) -> None:
+    from .engine.pipeline import segment_file
+    from .segment_cli import load_from_args, run_options
+
+    started = time.perf_counter()
+    writer.send(wp.Progress(0, 1, stage="load"))
+    loaded = load_from_args(args)
+    writer.send(wp.Log(f"model {loaded.description.name} ({loaded.description.title or loaded.source})"))
+    result = segment_file(args.input, args.output, loaded,
+                          progress=lambda done, total: writer.send(wp.Progress(done, total, stage="segment")),
+                          **run_options(args))
+    writer.send(wp.Result(output=str(args.output), labels=result.labelset.to_json(), model=result.model_name,
+                          warnings=list(result.warnings), seconds=round(time.perf_counter() - started, 3)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    writer = ProtocolWriter(sys.stdout)
+    sys.stdout = sys.stderr  # anything printed by libraries must not corrupt the protocol stream
+    handler = ProtocolLogHandler(writer)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        args = build_parser().parse_args(argv)
+        run_segment(args, writer)
+        return 0
+    except SystemExit as exc:  # argparse: usage errors
+        writer.send(wp.Error(message=f"bad worker arguments (exit {exc.code})", kind="internal"))
+        return 2
+    except HSAMError as exc:
+        writer.send(wp.Error(message=str(exc), kind=_error_kind(exc)))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        writer.send(wp.Error(message="cancelled", kind="cancelled"))
+        return 130
+    except MemoryError:
+        writer.send(wp.Error(message="out of memory: close other programs, or use a smaller batch size",
+                             kind="internal"))
+        return 1
+    except Exception as exc:  # a bug: the user gets a sentence, the log gets the traceback
+        traceback.print_exc(file=sys.stderr)
+        writer.send(wp.Error(message=f"internal error ({type(exc).__name__}: {exc}); the details are in the "
+                                     "log (stderr)", kind="internal"))
+        return 1
+    finally:
+        root.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
