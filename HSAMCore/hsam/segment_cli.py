@@ -45,6 +45,26 @@ def add_segment_parser(subparsers) -> None:
     parser.set_defaults(func=run_segment)
 
 
+def configure_cli_logging(quiet: bool) -> None:
+    """Send the ``hsam`` logger's messages to stderr ("warning: ..." prefixes for warnings)."""
+    logger = logging.getLogger("hsam")
+    for handler in [h for h in logger.handlers if getattr(h, "_hsam_cli", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CliFormatter())
+    handler._hsam_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+class _CliFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "warning: " if record.levelno == logging.WARNING else "error: " if record.levelno >= logging.ERROR \
+            else ""
+        return prefix + record.getMessage()
+
+
 def load_from_args(args):
     from .weights.loader import load_model
 
@@ -63,8 +83,7 @@ def run_segment(args) -> int:
     from .engine.pipeline import segment_file
     from .errors import CancelledError
 
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    configure_cli_logging(args.quiet)
     if not (is_segmentation_path(args.output) or args.output.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha"))):
         from .errors import HSAMError
         raise HSAMError(f"output {args.output}: use .seg.nrrd (Slicer segmentation) or .nii.gz/.nii/.nrrd/.mha "
