@@ -1,0 +1,114 @@
+"""A stand-in for ``python -m hsam.worker`` with the same command line and protocol, and scripted behaviour.
+
+    python fake_worker.py segment --input IN.nrrd --output OUT.nrrd [--model ID | --checkpoint F] [--device D]
+
+``FAKE_WORKER_MODE`` (environment) picks what it does:
+
+ok         writes a label map on IN's grid and a Result: label 1 (spleen) where IN > ``FAKE_BONE_HU`` (array
+           order), label 5 (liver) inside the RAS sphere ``FAKE_SPHERE`` = "x,y,z,r" (physical geometry), the
+           Synapse label set; one Progress per slice (``FAKE_DELAY`` seconds each)
+error      a few Progress messages, then Error(kind="model"), exit 2
+crash      a traceback on stderr and exit 3, no Error message
+garbage    prints non-protocol text on stdout, exit 1
+noresult   progress only, exit 0 without a Result
+hang       starts a child process that sleeps, writes both pids to ``FAKE_PIDFILE``, reports progress, sleeps
+badgrid    like ok but the label map's spacing differs from IN's
+badlabels  like ok but writes label value 42, which the label set does not define
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import SimpleITK as sitk
+
+from hsam import worker_protocol as wp
+from hsam.data.labels import SYNAPSE_ORGANS
+
+
+def send(message) -> None:
+    sys.stdout.write(wp.encode(message) + "\n")
+    sys.stdout.flush()
+
+
+def labels_for(image: sitk.Image) -> np.ndarray:
+    array = sitk.GetArrayFromImage(image)  # k, j, i
+    labels = np.zeros(array.shape, np.uint8)
+    labels[array > float(os.environ.get("FAKE_BONE_HU", "500"))] = 1
+    sphere = os.environ.get("FAKE_SPHERE")
+    if sphere:
+        x, y, z, r = (float(v) for v in sphere.split(","))
+        k, j, i = np.meshgrid(*(np.arange(n) for n in array.shape), indexing="ij")
+        index = np.stack([i.ravel(), j.ravel(), k.ravel()]).astype(float)  # ITK index order (i, j, k)
+        direction = np.array(image.GetDirection()).reshape(3, 3)
+        lps = (direction @ (np.diag(image.GetSpacing()) @ index)) + np.array(image.GetOrigin())[:, None]
+        ras = lps * np.array([-1.0, -1.0, 1.0])[:, None]
+        inside = (((ras - np.array([[x], [y], [z]])) ** 2).sum(axis=0) <= r * r).reshape(array.shape)
+        labels[inside] = 5
+    return labels
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command")
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--sam-checkpoint")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int)
+    args = parser.parse_args()
+    mode = os.environ.get("FAKE_WORKER_MODE", "ok")
+    delay = float(os.environ.get("FAKE_DELAY", "0"))
+
+    send(wp.Progress(0, 1, stage="load"))
+    send(wp.Log(f"fake model {args.model or args.checkpoint} on {args.device}"))
+    if mode == "crash":
+        sys.stderr.write("Traceback (most recent call last):\n  File \"worker.py\", line 1\n"
+                         "RuntimeError: CUDA error: an illegal memory access was encountered\n")
+        sys.stderr.flush()
+        return 3
+    if mode == "garbage":
+        print("Downloading weights... 100%", flush=True)
+        return 1
+    if mode == "hang":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(os.environ["FAKE_PIDFILE"], "w") as fh:
+            fh.write(f"{os.getpid()} {child.pid}\n")
+        send(wp.Progress(1, 100, stage="segment"))
+        time.sleep(600)
+        return 0
+
+    image = sitk.ReadImage(args.input)
+    slices = image.GetSize()[2]
+    for done in range(slices + 1):
+        send(wp.Progress(done, slices, stage="segment"))
+        if mode == "error" and done == 2:
+            send(wp.Error(message="checksum mismatch for 220_epoch_299.pth: the file is damaged, delete it or run "
+                                  "`hsam models fetch hsam-synapse-10pct`", kind="model"))
+            return 2
+        if delay:
+            time.sleep(delay)
+    if mode == "noresult":
+        return 0
+    labels = labels_for(image)
+    if mode == "badlabels":
+        labels[0, 0, 0] = 42
+    out = sitk.GetImageFromArray(labels)
+    out.CopyInformation(image)
+    if mode == "badgrid":
+        out.SetSpacing(tuple(s * 2 for s in image.GetSpacing()))
+    sitk.WriteImage(out, args.output, True)
+    send(wp.Result(output=args.output, labels=SYNAPSE_ORGANS.to_json(), model=args.model or "fake",
+                   warnings=["fake warning: this is not a real model"], seconds=0.1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
