@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from . import __version__
+from .bench import add_bench_parser
 from .errors import HSAMError
 from .segment_cli import add_segment_parser
 from .weights.cli import add_models_parser
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     add_segment_parser(subparsers)
     add_models_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 
