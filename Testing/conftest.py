@@ -1,21 +1,11 @@
-"""Shared pytest configuration: fixture locations, tiny model configurations, markers."""
+"""Shared pytest configuration: an isolated per-user cache for every test, markers, the tiny model fixture.
+Helper functions live in ``hsam_testlib``."""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_REFERENCE = SHARED / "fixtures" / "hsam_reference" / "reference_outputs.npz"
-
-
-def reference_fixture_path() -> Path:
-    """The official-equivalence fixture (``HSAM_REFERENCE_FIXTURE`` overrides the default)."""
-    return Path(os.environ.get("HSAM_REFERENCE_FIXTURE", DEFAULT_REFERENCE))
+from hsam_testlib import make_tiny_model_file
 
 
 @pytest.fixture(autouse=True)
@@ -24,69 +14,10 @@ def _isolated_hsam_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HSAM_HOME", str(tmp_path_factory.mktemp("hsam_home")))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: full-size model tests (seconds to minutes on 2 CPU cores)")
-
-
-# ------------------------------------------------------------------------------------------ tiny models
-TINY_ENCODER = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=[1], window_size=4, out_chans=32)
-TINY_DECODER = dict(transformer_dim=32, mlp_dim=64, num_heads=2, upscale_channels=[8, 4],
-                    pixel_decoder_channels=[4, 4])
-
-
-def tiny_description(name: str = "tiny-test", image_size: int = 64, labels=None, **changes):
-    """A model description with a tiny ViT (64 px, 2 blocks) for fast tests."""
-    from hsam.data.labels import SYNAPSE_ORGANS
-    from hsam.description import IntensitySpec, ModelDescription, OrientationSpec, sam_vit_architecture
-
-    arch = sam_vit_architecture("vit_b", image_size=image_size, lora_rank=2, decoder=dict(TINY_DECODER),
-                                **TINY_ENCODER)
-    fields = dict(name=name, title="tiny test model", architecture=arch, labels=labels or SYNAPSE_ORGANS,
-                  intensity=IntensitySpec("window", -125.0, 275.0, "CT"),
-                  orientation=OrientationSpec(verified=True, source="test"), provenance={"source": "tests"},
-                  licence="MIT")
-    fields.update(changes)
-    return ModelDescription(**fields)
-
-
-def make_tiny_model_file(path, seed: int = 0, **description_changes):
-    """Write a randomly initialised tiny model in our format; returns the path."""
-    import torch
-
-    from hsam.model import build_from_description
-    from hsam.weights.modelfile import save_model_file
-
-    torch.manual_seed(seed)
-    description = tiny_description(**description_changes)
-    model = build_from_description(description)
-    # LoRA B starts at zero; give it values so merging is exercised.
-    for name, param in model.named_parameters():
-        if name.endswith(("lora_q_b", "lora_v_b")):
-            torch.nn.init.normal_(param, std=0.02)
-    save_model_file(path, {k: v.detach().clone() for k, v in model.state_dict().items()}, description)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_model_file(tmp_path_factory):
     return make_tiny_model_file(tmp_path_factory.mktemp("models") / "tiny.safetensors")
 
 
-def ct_like_volume(shape=(6, 40, 48), spacing=(0.8, 0.8, 2.5), seed: int = 0):
-    """A small synthetic abdomen-like CT (HU): air, a body ellipse, two brighter 'organs'.
-    ``shape`` is (k, j, i); returns a SimpleITK image."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    rng = np.random.default_rng(seed)
-    k, j, i = shape
-    zz, yy, xx = np.meshgrid(np.arange(k), np.linspace(-1, 1, j), np.linspace(-1, 1, i), indexing="ij")
-    volume = np.full(shape, -1000.0, dtype=np.float32)
-    body = (xx / 0.9) ** 2 + (yy / 0.7) ** 2 < 1
-    volume[body] = 20.0
-    volume[((xx + 0.35) / 0.3) ** 2 + (yy / 0.3) ** 2 < 1] = 60.0
-    volume[((xx - 0.4) / 0.15) ** 2 + ((yy + 0.1) / 0.15) ** 2 < 1] = 250.0
-    volume += rng.normal(0, 5, shape).astype(np.float32)
-    image = sitk.GetImageFromArray(volume.astype(np.int16))
-    image.SetSpacing(spacing)
-    return image
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: full-size model tests (seconds to minutes on 2 CPU cores)")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import ct_like_volume, make_tiny_model_file
+from hsam_testlib import ct_like_volume, make_tiny_model_file
 from hsam.cli import main
 
 

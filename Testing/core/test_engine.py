@@ -494,7 +494,7 @@ def test_cpu_bf16_recipe_agrees_with_fp32_on_the_fixture():
     from test_official_equivalence import _reference_module  # noqa: F401 - same weight rule
     import json
 
-    from conftest import reference_fixture_path
+    from hsam_testlib import reference_fixture_path
     from hsam.weights.official import load_official
 
     path = reference_fixture_path()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model_file
+from hsam_testlib import make_tiny_model_file
 from hsam.errors import ModelFileError
 from hsam.weights.loader import load_checkpoint, load_model, load_model_file, save_model
 from test_official_equivalence import reference  # noqa: F401  (module-scoped fixture)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import reference_fixture_path
+from hsam_testlib import reference_fixture_path
 from hsam.model.lora import merge_lora
 from hsam.weights.official import load_official
 

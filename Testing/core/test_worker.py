@@ -7,7 +7,7 @@ import sys
 
 import SimpleITK as sitk
 
-from conftest import ct_like_volume
+from hsam_testlib import ct_like_volume
 from hsam import worker_protocol as wp
 
 
