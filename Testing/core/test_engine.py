@@ -491,7 +491,7 @@ def test_cpu_bf16_recipe_agrees_with_fp32_on_the_fixture():
     labels on the fixture image with the official-layout weights."""
     if not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bfloat16")
-    from test_official_equivalence import _reference_module  # noqa: F401 - same weight rule
+    from test_official_equivalence import _reference_module  # the same weight rule
     import json
 
     from hsam_testlib import reference_fixture_path
