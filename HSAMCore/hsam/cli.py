@@ -10,6 +10,8 @@ import sys
 from . import __version__
 from .bench import add_bench_parser
 from .errors import HSAMError
+from .demo import add_demo_parser
+from .finetune_cli import add_finetune_parser
 from .segment_cli import add_segment_parser
 from .weights.cli import add_models_parser
 
@@ -21,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     add_segment_parser(subparsers)
+    add_finetune_parser(subparsers)
     add_models_parser(subparsers)
+    add_demo_parser(subparsers)
     add_bench_parser(subparsers)
     return parser
 

@@ -2,6 +2,12 @@
 
     python -m hsam.worker segment --input IN.nrrd --output OUT.nrrd [--model ID | --checkpoint FILE
         [--sam-checkpoint FILE]] [--device auto] [--batch-size N]
+    python -m hsam.worker finetune --image IMG.nrrd --labels LABELS.nrrd --slices 0,10,20-25 [--out FILE]
+        [--base MODEL] [--mode fast|full] [--labels-table TABLE] [--epochs N] ... (see ``hsam finetune -h``)
+
+Fine-tuning reports progress per slice encoded (stage ``embed``) and per epoch (stage ``train``), validation
+Dice as log lines, and ends with a result whose ``output`` is the new model file (its description holds the
+lineage and the validation Dice) and whose ``labels`` are its label set.
 
 stdout carries only protocol lines (``hsam.worker_protocol``); everything else — library output, Python
 warnings, tracebacks of internal errors — goes to stderr. The output is a label map on IN's voxel grid,
@@ -65,7 +71,40 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--output", required=True)
     add_model_arguments(seg)
     add_run_arguments(seg)
+    from .finetune_cli import add_finetune_arguments
+
+    ft = sub.add_parser("finetune")
+    ft.add_argument("--image", required=True)
+    ft.add_argument("--labels", required=True)
+    add_finetune_arguments(ft, table_flag="--labels-table")  # --labels is the label map here
     return parser
+
+
+def run_finetune(args, writer: ProtocolWriter) -> None:
+    from pathlib import Path
+
+    from .threads import prefer_passive_openmp
+
+    prefer_passive_openmp()
+
+    from .engine.finetune import finetune
+    from .finetune_cli import read_inputs, settings_from_args, summary_lines
+
+    started = time.perf_counter()
+    writer.send(wp.Progress(0, 1, stage="load"))
+    image, labels, slices, labelset, base, warnings = read_inputs(args.image, args.labels, args.slices,
+                                                                  args.label_table, args.base)
+    for text in warnings:
+        writer.send(wp.Log(text, level="warning"))
+    writer.send(wp.Log(f"base model {base.description.name} ({base.description.title or base.source})"))
+    result = finetune(image, labels, slices, base, labelset=labelset, settings=settings_from_args(args),
+                      progress=lambda done, total, stage: writer.send(wp.Progress(done, total, stage=stage)),
+                      out=args.out, name=args.name, image_name=Path(args.image).name, cache=not args.no_cache)
+    for line in summary_lines(result):
+        writer.send(wp.Log(line))
+    writer.send(wp.Result(output=str(result.path), labels=result.description.labels.to_json(),
+                          model=result.description.name, warnings=list(warnings),
+                          seconds=round(time.perf_counter() - started, 3)))
 
 
 def run_segment(args, writer: ProtocolWriter) -> None:
@@ -93,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     root.setLevel(logging.INFO)
     try:
         args = build_parser().parse_args(argv)
-        run_segment(args, writer)
+        if args.command == "finetune":
+            run_finetune(args, writer)
+        else:
+            run_segment(args, writer)
         return 0
     except SystemExit as exc:  # argparse: usage errors
         writer.send(wp.Error(message=f"bad worker arguments (exit {exc.code})", kind="internal"))
