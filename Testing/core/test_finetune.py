@@ -336,3 +336,41 @@ def test_settings_defaults_and_checks():
     for bad in (dict(lr=-1), dict(epochs=0), dict(augment="twist"), dict(validation=1.0)):
         with pytest.raises(FinetuneError):
             FinetuneSettings(**bad).resolved(4)
+
+
+def test_embedding_cache_is_pruned_to_its_limit():
+    from hsam.engine.embeddings import EmbeddingCache, embedding_cache_root, prune_cache
+
+    old = EmbeddingCache({"volume": "old"})
+    old.put(0, torch.zeros(4, 64, 64))
+    import os
+    import time as _time
+
+    os.utime(old.folder, (_time.time() - 100, _time.time() - 100))
+    new = EmbeddingCache({"volume": "new"})
+    new.put(0, torch.zeros(4, 64, 64))
+    assert {p.name for p in embedding_cache_root().iterdir()} == {old.folder.name, new.folder.name}
+    assert prune_cache(limit_mb=0.04, keep=[new.folder]) == 1  # one entry ≈ 33 KB: the older one goes
+    assert [p.name for p in embedding_cache_root().iterdir()] == [new.folder.name]
+    assert new.get(0) is not None
+
+
+def test_overlay_png_without_matplotlib(tmp_path):
+    import struct
+    import zlib
+
+    from hsam.overlay import _write_grid, blend
+
+    gray = np.linspace(0, 100, 20, dtype=np.float32).reshape(4, 5)
+    labels = np.zeros((4, 5), np.uint8)
+    labels[1:3, 1:4] = 2
+    rgb = blend(gray, labels, {2: (255, 0, 0)}, (0.0, 100.0), alpha=1.0)
+    assert rgb.shape == (4, 5, 3) and tuple(rgb[1, 1]) == (255, 0, 0) and rgb[0, 0, 1] == 0
+    path = _write_grid(tmp_path / "o.png", [[rgb, rgb], [rgb, rgb]], gap=2)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (2 * 5 + 3 * 2, 2 * 4 + 3 * 2)
+    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
+    raw = zlib.decompress(idat)
+    assert len(raw) == height * (1 + 3 * width)

@@ -281,4 +281,9 @@ def compute_embeddings(encoder: SliceEncoder, slices: np.ndarray, indices: Seque
         log.info("embeddings: %d slices encoded in %.1f s (%.2f s/slice)", len(todo), seconds, seconds / len(todo))
     if cache is not None:
         cache.touch()
+        if todo and cache.folder is not None:
+            try:
+                prune_cache(keep=[cache.folder])
+            except OSError as exc:  # pruning is housekeeping: never fail a run for it
+                log.warning("could not prune the embedding cache: %s", exc)
     return torch.stack([found[pos] for pos in range(n)]) if n else torch.empty(0)

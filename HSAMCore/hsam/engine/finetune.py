@@ -17,12 +17,13 @@ Modes
   re-encodes augmented images (rotation / crop-zoom / elastic, labels nearest-neighbour); embedding noise;
   AMP on CUDA. Needs a base with LoRA adapters (a SAM-ViT H-SAM).
 
-Both: AdamW (β 0.9, 0.999, weight decay 0.1), linear warm-up then poly decay (power 0.9), loss
-0.1·CE + 0.9·soft Dice per stage mixed by ``w = 0.6 ** (0.99 ** epoch)`` (:mod:`hsam.engine.losses`), epochs
-counted as passes over the training slices. (Stretching H-SAM's 300-epoch schedule over a short run was tried
-and measured worse: stage 1 got too little weight to learn — see the benchmark report.) With ≥ 3 corrected slices some are held out for validation (Dice per class), the best epoch's weights
-are kept and training stops early when validation stops improving. A seed makes runs reproducible on one
-machine. ``progress(done, total, stage)`` reports slices encoded (stage ``"embed"``) and epochs (``"train"``);
+Both: AdamW (β 0.9, 0.999, weight decay 0.1), linear warm-up then poly decay (power 0.9), loss 0.1·CE + 0.9·soft
+Dice per stage mixed by ``w = 0.6 ** (0.99 ** epoch)`` (:mod:`hsam.engine.losses`), epochs counted as passes
+over the training slices. (Stretching H-SAM's 300-epoch schedule over a short run was tried and measured worse:
+stage 1 got too little weight to learn — see the benchmark report.) With ≥ 3 corrected slices some are held out
+for validation (Dice per class), the best epoch's weights are kept and training stops early when validation
+stops improving. A seed makes runs reproducible on one machine. ``progress(done, total, stage)`` reports slices
+encoded (stage ``"embed"``) and epochs (``"train"``);
 ``cancel`` (a callable or an Event) stops the run with :class:`CancelledError`, nothing written.
 
 A new label set is allowed: class tokens and class heads are re-initialised for the new classes (those whose
@@ -587,7 +588,8 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
     entry = _lineage_entry(now, settings, base, base_hash, image, image_name, data, train_pos, val_pos, labelset,
                            reused, device, dtype, history, best_epoch, stopped_early, validation, started)
     entry["guidance"] = {"trained": guided, "probability": settings.guidance, "mix": settings.guidance_mix,
-                         "decision_weight": decision_weight, "gate": settings.guidance_gate, "validation_mean_by_weight": guided_by_weight or None,
+                         "decision_weight": decision_weight, "gate": settings.guidance_gate,
+                         "validation_mean_by_weight": guided_by_weight or None,
                          "validation_dice": _rounded(validation_guided)}
     lineage = list(base.description.provenance.get("lineage", [])) + [entry]
     provenance = {"source": "fine-tuned with hsam (hsam.engine.finetune)", "heads_trained": True,

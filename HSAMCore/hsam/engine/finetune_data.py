@@ -179,7 +179,8 @@ def embedding_cache_for(model, volume_fingerprint: str, preprocessing: dict, dty
 
 def embed_slices(model, image, description, k_indices: Sequence[int], *, device="cpu", dtype=None, cache: bool = True,
                  batch_size: int = 4, progress: Callable[[int, int], None] | None = None, cancel=None):
-    """Embeddings (n, C, g, g) of the k planes ``k_indices`` of ``image`` (cached; see :mod:`hsam.engine.embeddings`)."""
+    """Embeddings (n, C, g, g) of the k planes ``k_indices`` of ``image`` (cached, see
+    :mod:`hsam.engine.embeddings`)."""
     import torch
 
     from .embeddings import SliceEncoder, compute_embeddings
