@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CancelledError
+from .inference import is_cancelled
 
 log = logging.getLogger("hsam")
 
@@ -231,14 +232,6 @@ def prune_cache(limit_mb: float | None = None, keep: Sequence[Path] = ()) -> int
     return removed
 
 
-def _cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return bool(cancel.is_set())
-    return bool(cancel())
-
-
 def compute_embeddings(encoder: SliceEncoder, slices: np.ndarray, indices: Sequence[int], image_size: int,
                        cache: EmbeddingCache | None = None, batch_size: int = 4,
                        progress: Callable[[int, int], None] | None = None, cancel=None) -> torch.Tensor:
@@ -263,7 +256,7 @@ def compute_embeddings(encoder: SliceEncoder, slices: np.ndarray, indices: Seque
         progress(done, n)
     started = time.perf_counter()
     for start in range(0, len(todo), max(1, batch_size)):
-        if _cancelled(cancel):
+        if is_cancelled(cancel):
             raise CancelledError("cancelled while computing embeddings: nothing was written")
         chunk = todo[start:start + batch_size]
         out = encoder(model_inputs(slices[chunk], image_size))

@@ -54,6 +54,7 @@ from ..errors import CancelledError
 from .finetune_data import (CorrectedSlices, embed_slices, embedding_cache_for, parse_slice_spec,  # noqa: F401
                             prepare_corrected_slices, slice_inputs, split_validation)
 from .finetune_model import MODES, FinetuneError, build_student, check_base_for_mode, trainable_parameters
+from .inference import is_cancelled
 
 log = logging.getLogger("hsam")
 
@@ -190,14 +191,6 @@ def learning_rate(step: int, base_lr: float, warmup: int, total: int, power: flo
         return base_lr * (step + 1) / warmup
     span = max(1, total - warmup)
     return base_lr * max(0.0, 1 - (step - warmup) / span) ** power
-
-
-def _cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return bool(cancel.is_set())
-    return bool(cancel())
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
@@ -366,7 +359,7 @@ class _Loop:
         losses = []
         started = time.perf_counter()
         for b in range(0, len(order), s.batch_size):
-            if _cancelled(self.cancel):
+            if is_cancelled(self.cancel):
                 raise CancelledError("fine-tuning cancelled: nothing was written, the base model is unchanged")
             batch = order[b:b + s.batch_size]
             use_guide = (self.train_guides is not None and s.guidance > 0
@@ -607,7 +600,7 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
                             validation_guided=validation_guided, best_epoch=best_epoch, stopped_early=stopped_early,
                             timings=timings)
     if save:
-        if _cancelled(cancel):
+        if is_cancelled(cancel):
             raise CancelledError("fine-tuning cancelled: nothing was written, the base model is unchanged")
         path = out_path or _output_path(None, base, model_name)
         t0 = time.perf_counter()
@@ -676,7 +669,7 @@ def decode_embeddings(model, embeddings, slice_size: tuple[int, int], device="cp
     n = len(embeddings)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for b in range(0, n, batch_size):
-            if _cancelled(cancel):
+            if is_cancelled(cancel):
                 raise CancelledError("cancelled: nothing was written")
             emb = embeddings[b:b + batch_size].to(device)
             logits = model.fused_logits(model.decode(emb)).float()

@@ -119,7 +119,7 @@ def predict_guided(model, embeddings: torch.Tensor, guides: torch.Tensor, slice_
     guidance's largest class probability reaches ``gate`` keep that class. ``guides`` (n, K, H, W) at the slice
     size."""
     from ..errors import CancelledError
-    from .embeddings import _cancelled
+    from .inference import is_cancelled
     from .inference import resize_images
 
     device = torch.device(device)
@@ -128,7 +128,7 @@ def predict_guided(model, embeddings: torch.Tensor, guides: torch.Tensor, slice_
     size = int(model.image_size)
     out: dict[float, list] = {float(w): [] for w in decision_weights}
     for b in range(0, len(embeddings), batch_size):
-        if _cancelled(cancel):
+        if is_cancelled(cancel):
             raise CancelledError("cancelled: nothing was written")
         emb = embeddings[b:b + batch_size].to(device)
         guide = guides[b:b + batch_size].float()

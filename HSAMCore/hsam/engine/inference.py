@@ -133,7 +133,8 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def _cancelled(cancel: Cancel) -> bool:
+def is_cancelled(cancel: Cancel) -> bool:
+    """Whether a cooperative-cancel token (a callable or a ``threading.Event``; None = never) has fired."""
     if cancel is None:
         return False
     if isinstance(cancel, threading.Event):
@@ -258,7 +259,7 @@ class SliceSegmenter:
         start, batch = 0, self.batch_size
         started = time.perf_counter()
         while start < n:
-            if _cancelled(cancel):
+            if is_cancelled(cancel):
                 raise CancelledError(f"segmentation cancelled after {start} of {n} slices; nothing was returned")
             stop = min(start + batch, n)
             labels = None
