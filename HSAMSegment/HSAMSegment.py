@@ -27,8 +27,10 @@ except ImportError:  # PyPI slicer-core or plain Python (tests): the Logic still
 
 from HSAMSegmentLib.devices import device_choices
 from HSAMSegmentLib.errors import SegmentInputError, WorkerFailed
+from HSAMSegmentLib.finetune import FinetuneJob, PredictionStore, finetune_request, propose_corrected_slices
+from HSAMSegmentLib.finetune_panel import FinetuneSection
 from HSAMSegmentLib.install import DependencyInstaller
-from HSAMSegmentLib.models import import_weights_file, list_model_choices
+from HSAMSegmentLib.models import find_model, import_weights_file, list_model_choices
 from HSAMSegmentLib.parameters import HSAMSegmentParameterNode
 from HSAMSegmentLib.process import WorkerLauncher
 from HSAMSegmentLib.run import JobState, SegmentJob, SegmentRequest
@@ -95,6 +97,7 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = HSAMSegmentLogic()
+        self.finetuneSection = FinetuneSection(self)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MSEC)
@@ -161,6 +164,7 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
             self._selectComboData(self.ui.modelComboBox, self._parameterNode.modelId)
             self._selectComboData(self.ui.deviceComboBox, self._parameterNode.device)
+            self.finetuneSection.parameterNodeChanged()
         self.updateButtons()
 
     # ------------------------------------------------------------------------------- lists
@@ -237,32 +241,38 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------- run
     def updateButtons(self, caller=None, event=None) -> None:
-        running = self.job is not None and not self.job.finished
+        busy = self.job is not None and not self.job.finished
+        running = busy and isinstance(self.job, SegmentJob)
         p = self._parameterNode
         ready = bool(p and p.inputVolume and self.currentModel())
         self.ui.segmentButton.text = _("Cancel") if running else _("Segment organs")
-        self.ui.segmentButton.enabled = running or ready
+        self.ui.segmentButton.enabled = running or (ready and not busy)
         self.ui.segmentButton.toolTip = (_("Stop the run; the scene stays as it was") if running else
                                          _("Segment the organs of the input volume") if ready else
                                          _("Select an input volume and a model"))
         for widget in (self.ui.inputVolumeSelector, self.ui.modelComboBox, self.ui.importWeightsButton,
                        self.ui.deviceComboBox, self.ui.outputSegmentationSelector, self.ui.show3DCheckBox):
-            widget.enabled = not running
+            widget.enabled = not busy
         output = self.ui.outputSegmentationSelector.currentNode()
-        self.ui.restoreButton.enabled = not running and self.logic is not None and self.logic.canRestore(output)
+        self.ui.restoreButton.enabled = not busy and self.logic is not None and self.logic.canRestore(output)
+        if getattr(self, "finetuneSection", None) is not None:
+            self.finetuneSection.updateButtons(busy)
 
     def onSegmentButton(self) -> None:
         if self.job is not None and not self.job.finished:
             self.job.cancel()
             return
-        p = self._parameterNode
         self.ui.logTextEdit.clear()
+        self.startSegment(self._parameterNode.outputSegmentation)
+
+    def startSegment(self, outputSegmentation) -> None:
+        p = self._parameterNode
         try:
             self.showStatus(_("Checking the Python packages H-SAM needs…"))
             self.logic.ensureDependencies()  # does something on the first click only; asks before installing
             with slicer.util.WaitCursor():
-                self.job = self.logic.segment(p.inputVolume, self.currentModel(), p.outputSegmentation,
-                                              device=p.device or "auto", show3D=p.show3D, listener=self.onJobEvent)
+                job = self.logic.segment(p.inputVolume, self.currentModel(), outputSegmentation,
+                                         device=p.device or "auto", show3D=p.show3D, listener=self.onJobEvent)
         except HSAMError as exc:
             self.showStatus(str(exc), error=True)
             self.updateButtons()
@@ -273,12 +283,17 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             error=True)
             self.updateButtons()
             return
+        self.startPolling(job)
+
+    def startPolling(self, job) -> None:
+        self.job = job
         self.ui.progressBar.setVisible(True)
         self._timer.start()
         self.updateButtons()
 
     def onTimer(self) -> None:
-        if self.job is None or not self.job.poll():
+        job = self.job
+        if job is None or (not job.poll() and self.job is job):  # a finished job may have started the next one
             self._timer.stop()
 
     def onJobEvent(self, job, what) -> None:
@@ -299,12 +314,15 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             self.ui.progressBar.setVisible(False)
             if job.state is JobState.SUCCEEDED:
-                self.showStatus(_("Done: {name}").format(name=job.result_node.GetName()))
+                if isinstance(job, SegmentJob):
+                    self.showStatus(_("Done: {name}").format(name=job.result_node.GetName()))
             elif job.state is JobState.CANCELLED:
                 self.showStatus(_("Cancelled; the scene was not changed."))
             else:
                 self.showStatus(job.error_message, error=True)
             self.updateButtons()
+        if isinstance(job, FinetuneJob):  # last: it may start the next job (segment again)
+            self.finetuneSection.onJobEvent(job, what)
 
     def onRestore(self) -> None:
         node = self.ui.outputSegmentationSelector.currentNode()
@@ -337,6 +355,7 @@ class HSAMSegmentLogic(ScriptedLoadableModuleLogic):
         self.undo = UndoStore()
         self.installer = DependencyInstaller()
         self.importedModels = []
+        self.predictions = PredictionStore()
         self.job = None
 
     @property
@@ -351,12 +370,11 @@ class HSAMSegmentLogic(ScriptedLoadableModuleLogic):
         return list_model_choices(self.importedModels)
 
     def findModel(self, modelId: str):
-        choices, problem = self.modelChoices()
-        found = next((c for c in choices if c.id == modelId), None)
-        if found is None:
-            known = ", ".join(c.id for c in choices) or "none"
-            raise SegmentInputError(f"unknown model {modelId!r} (known: {known}). {problem}".strip())
-        return found
+        return find_model(*self.modelChoices(), modelId)
+
+    def modelIdOfFile(self, path) -> str:
+        """The model-list id of a model file (e.g. one fine-tuning just wrote); "" if it is not listed."""
+        return next((c.id for c in self.modelChoices()[0] if c.checkpoint and str(c.checkpoint) == str(path)), "")
 
     def deviceChoices(self):
         return device_choices()
@@ -375,15 +393,38 @@ class HSAMSegmentLogic(ScriptedLoadableModuleLogic):
                 checkDependencies: bool = True) -> SegmentJob:
         """Start a run (``wait=False``: poll the returned job; ``wait=True``: return when finished, raising
         ``WorkerFailed`` with a readable message if it failed). Input problems raise before anything changes."""
+        model = self._prepare(model, checkDependencies)
+        request = SegmentRequest(inputVolume, model, outputSegmentation, device, show3D, batchSize)
+        job = SegmentJob(self.scene, request, self.launcher, self.undo, self.predictions.listener(listener),
+                         temp_root=self._tempRoot())
+        return self._run(job, wait, timeout)
+
+    def proposeCorrectedSlices(self, inputVolume, segmentation):
+        """(K slice numbers, why): the slices of ``segmentation`` that differ from this session's last prediction
+        into it (without one: the slices holding labels)."""
+        return propose_corrected_slices(inputVolume, segmentation, self.predictions)
+
+    def finetune(self, inputVolume, segmentation, slices, baseModel=None, mode: str = "fast", epochs: int = None,
+                 device: str = "auto", wait: bool = False, timeout: float = None, listener=None,
+                 checkDependencies: bool = True) -> FinetuneJob:
+        """Fine-tune ``baseModel`` on the corrected ``slices`` (K numbers, or text like "12, 40-45") of
+        ``segmentation``; the new model (``job.model_path``) joins the model list. Same waiting rules as segment."""
+        baseModel = self._prepare(baseModel, checkDependencies)
+        request = finetune_request(inputVolume, segmentation, slices, baseModel, mode, epochs, device, self.predictions)
+        return self._run(FinetuneJob(self.scene, request, self.launcher, listener, temp_root=self._tempRoot()), wait,
+                         timeout)
+
+    def _prepare(self, model, checkDependencies: bool):
         if self.job is not None and not self.job.finished:
-            raise SegmentInputError("a segmentation is already running; wait for it or cancel it first")
+            raise SegmentInputError("H-SAM is already running; wait for it or cancel it first")
         if checkDependencies:
             self.installer.check()
         if model is None or isinstance(model, str):
             choices, _problem = self.modelChoices()
             model = self.findModel(model) if model else next((c for c in choices if c.usable), None)
-        request = SegmentRequest(inputVolume, model, outputSegmentation, device, show3D, batchSize)
-        job = SegmentJob(self.scene, request, self.launcher, self.undo, listener, temp_root=self._tempRoot())
+        return model
+
+    def _run(self, job, wait: bool, timeout: float):
         self.job = job.start()
         if wait:
             job.wait(timeout)
@@ -423,7 +464,7 @@ class HSAMSegmentTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_bad_inputs()
         self.setUp()
-        self.test_segment_and_cancel()
+        self.test_segment_finetune_and_cancel()
         self.setUp()
         self.test_sample_ct_online()
 
@@ -432,7 +473,7 @@ class HSAMSegmentTest(ScriptedLoadableModuleTest):
 
         selftest.check_bad_inputs(self, HSAMSegmentLogic(), slicer.mrmlScene)
 
-    def test_segment_and_cancel(self):
+    def test_segment_finetune_and_cancel(self):
         import tempfile
 
         from HSAMSegmentLib import selftest
@@ -444,6 +485,8 @@ class HSAMSegmentTest(ScriptedLoadableModuleTest):
         with tempfile.TemporaryDirectory() as folder:
             model = selftest.tiny_model_choice(folder)
             selftest.check_segment_and_cancel(self, HSAMSegmentLogic(), slicer.mrmlScene, model)
+            self.setUp()
+            selftest.check_finetune_flow(self, HSAMSegmentLogic(), slicer.mrmlScene, model)
 
     def test_sample_ct_online(self):
         from HSAMSegmentLib import selftest

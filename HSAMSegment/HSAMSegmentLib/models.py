@@ -115,6 +115,17 @@ def list_model_choices(extra: list[ModelChoice] | None = None) -> tuple[list[Mod
     return choices, problem
 
 
+def find_model(choices: list[ModelChoice], problem: str, model_id: str) -> ModelChoice:
+    """The entry ``model_id`` of the model list, or a readable error naming the known ones."""
+    found = next((c for c in choices if c.id == model_id), None)
+    if found is None:
+        from .errors import SegmentInputError
+
+        known = ", ".join(c.id for c in choices) or "none"
+        raise SegmentInputError(f"unknown model {model_id!r} (known: {known}). {problem}".strip())
+    return found
+
+
 def fetch_weights(choice: ModelChoice, progress: Callable[[str, int, int | None], None] | None = None) -> None:
     """Download (resuming) and check every file of a registry model; raises the core's readable errors."""
     if choice.needs_download:

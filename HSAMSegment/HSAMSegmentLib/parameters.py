@@ -4,9 +4,10 @@
 check the .ui's ``SlicerParameterName`` properties); ``HSAMSegmentParameterNode`` is the same class wrapped with
 Slicer's ``@parameterNodeWrapper`` (None where Slicer's GUI is not available, e.g. with PyPI's slicer-core).
 
-Bound to .ui widgets (``SlicerParameterName``): ``inputVolume``, ``outputSegmentation``, ``show3D``.
+Bound to .ui widgets (``SlicerParameterName``): ``inputVolume``, ``outputSegmentation``, ``show3D``,
+``finetuneSegmentation``, ``correctedSlices``, ``finetuneEpochs``, ``segmentAfterFinetune``.
 Set by the Widget from its own lists (model and device lists are filled at run time, which the wrapper's
-combo-box binding cannot do): ``modelId``, ``device``.
+combo-box binding cannot do): ``modelId``, ``device``, ``finetuneMode``, ``baseModelId``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ class HSAMSegmentParameters:
     modelId             the model list entry (registry id, user model name or "file:<path>")
     device              the worker's device: auto | cpu | cuda | mps
     show3D              create the closed-surface (3D) representation after the run
+
+    Fine-tune section:
+    finetuneSegmentation  the segmentation the user corrected
+    correctedSlices       its corrected slices, K numbers as typed ("12, 40-45")
+    finetuneMode          fast (frozen encoder; CPU) | full (H-SAM's recipe with LoRA; GPU)
+    finetuneEpochs        passes over the corrected slices; 0 = automatic
+    segmentAfterFinetune  segment the volume again with the new model when fine-tuning ends
+    baseModelId           the model selected before the last fine-tuning ("Revert to base model")
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -32,6 +41,12 @@ class HSAMSegmentParameters:
     modelId: str = ""
     device: str = "auto"
     show3D: bool = True
+    finetuneSegmentation: vtkMRMLSegmentationNode
+    correctedSlices: str = ""
+    finetuneMode: str = "fast"
+    finetuneEpochs: int = 0
+    segmentAfterFinetune: bool = True
+    baseModelId: str = ""
 
 
 def _wrap():

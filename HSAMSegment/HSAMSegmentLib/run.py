@@ -1,4 +1,5 @@
-"""One "Segment organs" run, as a state machine the Logic starts and something polls.
+"""One background run of the core (``WorkerJob``) and the "Segment organs" run (``SegmentJob``), as state machines
+the Logic starts and something polls (the fine-tuning run, ``finetune.FinetuneJob``, is the other kind).
 
     job = SegmentJob(scene, request, launcher)
     job.start()          # checks (raise readable errors; nothing changed yet), then download or launch
@@ -37,7 +38,10 @@ from .process import Exited, StderrLine, StdoutGarbage, WorkerLauncher, WorkerPr
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 STAGE_TITLES = {"download": "Downloading weights", "load": "Loading the model", "prepare": "Preparing the volume",
-                "segment": "Segmenting", "write": "Writing the result", "import": "Creating the segmentation"}
+                "segment": "Segmenting", "write": "Writing the result", "import": "Creating the segmentation",
+                "embed": "Encoding the corrected slices", "train": "Fine-tuning", "save": "Saving the model"}
+COUNTED_STAGES = {"segment": "slices", "embed": "slices", "train": "epochs"}
+"""Worker stages whose progress counts something (others with total <= 1 show as "busy")."""
 log = logging.getLogger("HSAMSegment")
 
 
@@ -145,21 +149,24 @@ def describe_exit(returncode: int) -> str:
     return f"stopped with exit code {returncode} without reporting an error"
 
 
-Listener = Callable[["SegmentJob", str], None]
-"""Called as ``listener(job, what)`` with what = "progress" | "log" | "state" after each change."""
+Listener = Callable[["WorkerJob", str], None]
+"""Called as ``listener(job, what)`` with what = "progress" | "log" | "state" (| "validation" for fine-tuning)
+after each change."""
 
 
-class SegmentJob:
-    """A segment run: pre-flight checks, weights download, the worker process, the import into the scene."""
+class WorkerJob:
+    """A run of ``python -m hsam.worker``: pre-flight checks, weights download, the worker process, the step that
+    uses its result. Subclasses say what to check (``_check``), which model may need downloading
+    (``_download_choice``), how to start the worker (``_worker_arguments``) and what to do with its result
+    (``_use_result``, the only step that may touch the scene)."""
 
-    def __init__(self, scene: Any, request: SegmentRequest, launcher: WorkerLauncher | None = None,
-                 undo: scene_io.UndoStore | None = None, listener: Listener | None = None,
+    WHAT = "worker"  # "the <WHAT> worker stopped…" in messages
+
+    def __init__(self, scene: Any, launcher: WorkerLauncher | None = None, listener: Listener | None = None,
                  temp_root: str | None = None, fetch: Callable[..., None] = fetch_weights,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.scene = scene
-        self.request = request
         self.launcher = launcher or WorkerLauncher()
-        self.undo = undo
         self.listener = listener
         self.temp_root = temp_root
         self.fetch = fetch
@@ -198,18 +205,8 @@ class SegmentJob:
         """Check everything that can be checked, then start the download or the worker. Raises a readable
         :class:`HSAMError` (and changes nothing) if the run cannot start."""
         if self.state is not JobState.CREATED:
-            raise RuntimeError("a SegmentJob can be started once")
-        req = self.request
-        scene_io.check_input_volume(req.volume)
-        scene_io.check_output_segmentation(req.output, req.volume)
-        if req.device not in DEVICES:
-            raise SegmentInputError(f"unknown device {req.device!r}; choose one of {', '.join(DEVICES)}")
-        if req.model is None:
-            raise SegmentInputError("Select a model first (or import weights from a file).")
-        if req.model.problem:
-            raise SegmentInputError(f"the model '{req.model.label}' cannot be used: {req.model.problem}")
-        if req.batch_size is not None and req.batch_size < 1:
-            raise SegmentInputError("the batch size must be at least 1")
+            raise RuntimeError(f"a {type(self).__name__} can be started once")
+        self._check()
         self.started_at = self.clock()
         base = self.temp_root or tempfile.gettempdir()
         try:
@@ -218,8 +215,9 @@ class SegmentJob:
             raise HSAMError(f"cannot create a temporary folder in {base}: {exc.strerror or exc}; check the "
                             "temporary folder in Application Settings") from exc
         try:
-            if req.model.needs_download:
-                self._start_download()
+            choice = self._download_choice()
+            if choice is not None and choice.needs_download:
+                self._start_download(choice)
             else:
                 self._launch()
         except BaseException:
@@ -268,8 +266,7 @@ class SegmentJob:
         return self
 
     # ------------------------------------------------------------------------------------------ steps
-    def _start_download(self) -> None:
-        choice = self.request.model
+    def _start_download(self, choice: ModelChoice) -> None:
         self._set_state(JobState.DOWNLOADING)
         self._log("info", f"Downloading the weights of '{choice.title}' (checked with SHA-256, cached for later runs)…")
         self._set_progress(ProgressInfo("download", 0, 0, unit="bytes"))
@@ -312,35 +309,29 @@ class SegmentJob:
                 return
 
     def _launch(self) -> None:
-        req = self.request
         assert self._tmp is not None
         self._set_progress(ProgressInfo("prepare"))
-        input_path = scene_io.export_volume(req.volume, self._tmp / "input.nrrd")
-        output_path = self._tmp / "labels.nrrd"
-        args = ["segment", "--input", str(input_path), "--output", str(output_path), *req.model.worker_args(),
-                "--device", req.device]
-        if req.batch_size:
-            args += ["--batch-size", str(req.batch_size)]
+        args = self._worker_arguments(self._tmp)
         try:
             self.process = self.launcher.launch(args, cwd=str(self._tmp))
         except OSError as exc:
-            raise WorkerFailed(f"the segmentation worker could not be started ({exc.strerror or exc}); reinstall "
+            raise WorkerFailed(f"the {self.WHAT} worker could not be started ({exc.strerror or exc}); reinstall "
                                "the HSAMExtension if this persists") from exc
         self._set_state(JobState.RUNNING)
         self._set_progress(ProgressInfo("load"))
-        self._log("info", f"Started the worker on {req.volume.GetName()} with '{req.model.title}' "
-                          f"(device: {req.device}).")
+        self._log("info", self._started_message())
 
     def _handle(self, event: Any) -> None:
         if isinstance(event, protocol.Progress):
             total, done = max(0, int(event.total)), max(0, int(event.done))
-            if event.stage != "segment" and total <= 1:  # a phase without steps to count: show "busy"
+            if event.stage not in COUNTED_STAGES and total <= 1:  # a phase without steps to count: show "busy"
                 total = done = 0
             left = self._estimator.update(event.stage, done, total)
-            unit = "slices" if event.stage == "segment" else "steps"
+            unit = COUNTED_STAGES.get(event.stage, "steps")
             self._set_progress(ProgressInfo(event.stage, done, total, left, unit=unit))
         elif isinstance(event, protocol.Log):
             self._log(event.level if event.level in ("info", "warning", "error") else "info", str(event.message))
+            self._on_log(str(event.message))
         elif isinstance(event, protocol.Result):
             self._result = event
         elif isinstance(event, protocol.Error):
@@ -366,10 +357,10 @@ class SegmentJob:
             self._fail(message, kind)
             return
         if self._result is not None and returncode == 0:
-            self._import()
+            self._use_result(self._result)
             return
         if self._result is not None:
-            self._fail(f"the segmentation worker reported a result but then {describe_exit(returncode)}", "internal")
+            self._fail(f"the {self.WHAT} worker reported a result but then {describe_exit(returncode)}", "internal")
             return
         details = []
         last = next((line.strip() for line in reversed(self.stderr_tail) if line.strip()), "")
@@ -381,37 +372,29 @@ class SegmentJob:
         if self.stderr_tail:
             log.error("hsam.worker stderr (last lines):\n%s", "\n".join(list(self.stderr_tail)[-40:]))
         what = describe_exit(returncode) if returncode != 0 else "ended without sending a result"
-        self._fail(f"the segmentation worker {what}" + ("; " + "; ".join(details) if details else ""), "internal")
+        self._fail(f"the {self.WHAT} worker {what}" + ("; " + "; ".join(details) if details else ""), "internal")
 
-    def _import(self) -> None:
-        req = self.request
-        result = self._result
-        assert result is not None
-        if req.volume.GetScene() is not self.scene:
-            self._fail("the input volume was removed from the scene during the run; nothing was added", "input")
-            return
-        if req.output is not None and req.output.GetScene() is not self.scene:
-            self._fail("the output segmentation was removed from the scene during the run; nothing was changed",
-                       "input")
-            return
-        self._set_state(JobState.IMPORTING)
-        self._set_progress(ProgressInfo("import"))
-        output_path = Path(result.output)
-        if not output_path.is_absolute() and self._tmp is not None:
-            output_path = self._tmp / output_path
-        name = req.name or f"{req.volume.GetName()} H-SAM segmentation"
-        attributes = {"Model": result.model or req.model.id, "Device": req.device}
-        request = scene_io.ImportRequest(output_path, result.labels, req.volume, req.output, req.show3d, name,
-                                         attributes)
-        self.result_node = scene_io.import_result(self.scene, request, self.undo)
-        self.warnings = [str(w) for w in (result.warnings or [])]
-        for warning in self.warnings:
-            self._log("warning", warning)
-        names = scene_io.segment_names(self.result_node)
-        worker_seconds = f" ({result.seconds:.1f} s in the worker)" if result.seconds else ""
-        self._log("info", f"Done in {self.seconds:.1f} s{worker_seconds}: {len(names)} segments in "
-                          f"'{self.result_node.GetName()}'.")
-        self._finish(JobState.SUCCEEDED)
+    # ------------------------------------------------------------------------------------------ hooks
+    def _check(self) -> None:
+        """Raise a readable HSAMError if the run cannot start (nothing may be changed here)."""
+
+    def _download_choice(self) -> ModelChoice | None:
+        """The model whose weights must be present before the worker starts (downloaded if needed)."""
+        return None
+
+    def _worker_arguments(self, folder: Path) -> list[str]:
+        """Write the worker's input files into ``folder``; return its command line (after ``-m hsam.worker``)."""
+        raise NotImplementedError
+
+    def _started_message(self) -> str:
+        return f"Started the {self.WHAT} worker."
+
+    def _on_log(self, message: str) -> None:
+        """Every log message of the worker (after it was added to ``log_lines``)."""
+
+    def _use_result(self, result: protocol.Result) -> None:
+        """The worker succeeded: use its result and finish (``_finish(SUCCEEDED)``) or ``_fail``."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def _fail(self, message: str, kind: str = "internal") -> None:
@@ -455,3 +438,79 @@ class SegmentJob:
                 self.listener(self, what)
             except Exception:  # a GUI callback error must not break the job
                 log.exception("HSAMSegment: listener failed")
+
+
+class SegmentJob(WorkerJob):
+    """A segment run: pre-flight checks, weights download, the worker process, the import into the scene.
+    After success ``labels`` holds the predicted label map (k, j, i) and ``label_set`` its classes (what the
+    fine-tuning section compares the user's corrections with)."""
+
+    WHAT = "segmentation"
+
+    def __init__(self, scene: Any, request: SegmentRequest, launcher: WorkerLauncher | None = None,
+                 undo: scene_io.UndoStore | None = None, listener: Listener | None = None,
+                 temp_root: str | None = None, fetch: Callable[..., None] = fetch_weights,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(scene, launcher, listener, temp_root, fetch, clock)
+        self.request = request
+        self.undo = undo
+        self.labels: Any = None
+        self.label_set: Any = None
+
+    def _check(self) -> None:
+        req = self.request
+        scene_io.check_input_volume(req.volume)
+        scene_io.check_output_segmentation(req.output, req.volume)
+        if req.device not in DEVICES:
+            raise SegmentInputError(f"unknown device {req.device!r}; choose one of {', '.join(DEVICES)}")
+        if req.model is None:
+            raise SegmentInputError("Select a model first (or import weights from a file).")
+        if req.model.problem:
+            raise SegmentInputError(f"the model '{req.model.label}' cannot be used: {req.model.problem}")
+        if req.batch_size is not None and req.batch_size < 1:
+            raise SegmentInputError("the batch size must be at least 1")
+
+    def _download_choice(self) -> ModelChoice | None:
+        return self.request.model
+
+    def _worker_arguments(self, folder: Path) -> list[str]:
+        req = self.request
+        input_path = scene_io.export_volume(req.volume, folder / "input.nrrd")
+        args = ["segment", "--input", str(input_path), "--output", str(folder / "labels.nrrd"),
+                *req.model.worker_args(), "--device", req.device]
+        if req.batch_size:
+            args += ["--batch-size", str(req.batch_size)]
+        return args
+
+    def _started_message(self) -> str:
+        req = self.request
+        return f"Started the worker on {req.volume.GetName()} with '{req.model.title}' (device: {req.device})."
+
+    def _use_result(self, result: protocol.Result) -> None:
+        req = self.request
+        if req.volume.GetScene() is not self.scene:
+            self._fail("the input volume was removed from the scene during the run; nothing was added", "input")
+            return
+        if req.output is not None and req.output.GetScene() is not self.scene:
+            self._fail("the output segmentation was removed from the scene during the run; nothing was changed",
+                       "input")
+            return
+        self._set_state(JobState.IMPORTING)
+        self._set_progress(ProgressInfo("import"))
+        output_path = Path(result.output)
+        if not output_path.is_absolute() and self._tmp is not None:
+            output_path = self._tmp / output_path
+        name = req.name or f"{req.volume.GetName()} H-SAM segmentation"
+        attributes = {"Model": result.model or req.model.id, "Device": req.device}
+        request = scene_io.ImportRequest(output_path, result.labels, req.volume, req.output, req.show3d, name,
+                                         attributes)
+        self.result_node, self.labels, self.label_set = scene_io.import_result(self.scene, request, self.undo,
+                                                                               with_labels=True)
+        self.warnings = [str(w) for w in (result.warnings or [])]
+        for warning in self.warnings:
+            self._log("warning", warning)
+        names = scene_io.segment_names(self.result_node)
+        worker_seconds = f" ({result.seconds:.1f} s in the worker)" if result.seconds else ""
+        self._log("info", f"Done in {self.seconds:.1f} s{worker_seconds}: {len(names)} segments in "
+                          f"'{self.result_node.GetName()}'.")
+        self._finish(JobState.SUCCEEDED)

@@ -458,9 +458,10 @@ class ImportRequest:
     attributes: dict | None = None
 
 
-def import_result(scene: Any, request: ImportRequest, undo: UndoStore | None = None) -> Any:
+def import_result(scene: Any, request: ImportRequest, undo: UndoStore | None = None, with_labels: bool = False):
     """Everything from the worker's files to the finished node in the scene; the scene is unchanged if any
-    step fails (the node is built outside the scene first)."""
+    step fails (the node is built outside the scene first). Returns the node, or with ``with_labels`` the tuple
+    (node, label map (k, j, i) uint8, LabelSet)."""
     try:
         label_set = LabelSet.from_json(request.label_set_json)
     except (KeyError, TypeError, ValueError) as exc:
@@ -474,5 +475,7 @@ def import_result(scene: Any, request: ImportRequest, undo: UndoStore | None = N
             built.CreateClosedSurfaceRepresentation()
     # Nothing above touched the scene; from here on only well-tested MRML calls run.
     if request.output_node is None:
-        return add_new_segmentation(scene, built, request.volume_node, request.show3d)
-    return overwrite_segmentation(request.output_node, built, request.volume_node, request.show3d, undo)
+        node = add_new_segmentation(scene, built, request.volume_node, request.show3d)
+    else:
+        node = overwrite_segmentation(request.output_node, built, request.volume_node, request.show3d, undo)
+    return (node, labels, label_set) if with_labels else node

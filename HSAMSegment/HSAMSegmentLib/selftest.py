@@ -188,6 +188,71 @@ def check_segment_and_cancel(case: Any, logic: Any, scene: Any, model: Any, time
     _say(case, "Self-test passed")
 
 
+def replace_segment_contents(segmentation_node: Any, volume: Any, labels: np.ndarray, label_set: Any) -> None:
+    """What a Segment Editor edit does: the contents of the segments named by ``label_set`` replaced by ``labels``
+    ((k, j, i) on ``volume``'s grid); segment IDs, names and tags are kept."""
+    import slicer
+    import vtk
+
+    from .scene_io import _quiet_vtk, labelmap_node_from_array
+
+    ids = vtk.vtkStringArray()
+    by_value = {c.value: c for c in label_set.classes}
+    segmentation = segmentation_node.GetSegmentation()
+    for value in range(1, max(by_value) + 1):
+        cls = by_value.get(value)
+        ids.InsertNextValue(segmentation.GetSegmentIdBySegmentName(cls.name) if cls else "")
+    with _quiet_vtk():
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            labelmap_node_from_array(labels, volume), segmentation_node, ids)
+    if not ok:
+        raise RuntimeError("could not edit the segments")
+
+
+def check_finetune_flow(case: Any, logic: Any, scene: Any, model: Any, timeout: float = 600) -> None:
+    """Segment → correct two slices → Propose finds them → Fine-tune (fast, CPU) → the new model is listed and the
+    base file unchanged → segment again with it into a new segmentation. The new model file is deleted at the end
+    (it would otherwise stay in the user's model list)."""
+    import hashlib
+
+    from .run import JobState
+    from .scene_io import segment_names
+
+    _say(case, "Fine-tuning from corrected slices")
+    base_file = Path(model.checkpoint)
+    base_hash = hashlib.sha256(base_file.read_bytes()).hexdigest()
+    volume = add_ct_like_volume(scene, "HSAM fine-tune CT", dims=(48, 48, 8))
+    first = logic.segment(volume, model, device="cpu", show3D=False, wait=True, timeout=timeout).result_node
+    case.assertEqual(logic.proposeCorrectedSlices(volume, first)[0], [])
+    prediction = logic.predictions.get(first)
+    corrected = prediction.labels.copy()
+    liver = next(c.value for c in prediction.label_set.classes if c.name == "liver")
+    corrected[2], corrected[5] = 0, 0
+    corrected[2, 10:30, 12:36] = liver  # drawn on two slices
+    corrected[5, 14:34, 10:30] = liver
+    replace_segment_contents(first, volume, corrected, prediction.label_set)
+    slices, why = logic.proposeCorrectedSlices(volume, first)
+    case.assertEqual(slices, [2, 5], why)
+    before = scene_state(scene, volume)
+    job = logic.finetune(volume, first, slices, model, mode="fast", epochs=2, device="cpu", wait=True, timeout=timeout)
+    try:
+        case.assertEqual(job.state, JobState.SUCCEEDED)
+        case.assertEqual(scene_state(scene, volume), before)  # fine-tuning does not touch the scene
+        case.assertTrue(job.model_path.is_file())
+        case.assertEqual(hashlib.sha256(base_file.read_bytes()).hexdigest(), base_hash)
+        listed = [c for c in logic.modelChoices()[0] if c.checkpoint == str(job.model_path)]
+        case.assertEqual(len(listed), 1)
+        case.assertTrue(listed[0].usable and "fine-tuned" in listed[0].title, listed[0])
+        case.assertEqual(logic.modelIdOfFile(job.model_path), listed[0].id)
+        second = logic.segment(volume, listed[0], device="cpu", show3D=False, wait=True, timeout=timeout).result_node
+        case.assertIsNot(second, first)
+        case.assertEqual(segment_names(second), [c.name for c in prediction.label_set.classes])
+    finally:
+        if job.model_path is not None:
+            job.model_path.unlink(missing_ok=True)
+    _say(case, "Fine-tuning self-test passed")
+
+
 def check_sample_ct_online(case: Any, logic: Any) -> None:
     """The first registry model on Slicer's abdominal CTA sample; only when online with PyTorch installed."""
     import urllib.request

@@ -1,6 +1,7 @@
 """A stand-in for ``python -m hsam.worker`` with the same command line and protocol, and scripted behaviour.
 
     python fake_worker.py segment --input IN.nrrd --output OUT.nrrd [--model ID | --checkpoint F] [--device D]
+    python fake_worker.py finetune --image IMG.nrrd --labels LAB.nrrd --labels-table T.json --slices S --base B ...
 
 ``FAKE_WORKER_MODE`` (environment) picks what it does:
 
@@ -14,6 +15,11 @@ noresult   progress only, exit 0 without a Result
 hang       starts a child process that sleeps, writes both pids to ``FAKE_PIDFILE``, reports progress, sleeps
 badgrid    like ok but the label map's spacing differs from IN's
 badlabels  like ok but writes label value 42, which the label set does not define
+
+finetune (same modes where they make sense): checks that the labels lie on the image's grid, writes what it
+received (arguments, label values per listed slice, the label table) as JSON to ``FAKE_ARGS_FILE``, reports
+``embed`` and ``train`` progress with validation Dice log lines, writes a placeholder model file at
+``FAKE_MODEL_OUT`` and returns it as the Result.
 """
 
 from __future__ import annotations
@@ -53,7 +59,61 @@ def labels_for(image: sitk.Image) -> np.ndarray:
     return labels
 
 
+def finetune_main(argv: list[str]) -> int:
+    import json
+
+    parser = argparse.ArgumentParser()
+    for name in ("--image", "--labels", "--labels-table", "--slices", "--base"):
+        parser.add_argument(name, required=True)
+    parser.add_argument("--mode", default="fast")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args(argv)
+    mode = os.environ.get("FAKE_WORKER_MODE", "ok")
+    delay = float(os.environ.get("FAKE_DELAY", "0"))
+    send(wp.Progress(0, 1, stage="load"))
+    image, labels = sitk.ReadImage(args.image), sitk.ReadImage(args.labels)
+    same_grid = (image.GetSize() == labels.GetSize() and
+                 np.allclose(image.GetSpacing(), labels.GetSpacing()) and
+                 np.allclose(image.GetOrigin(), labels.GetOrigin()) and
+                 np.allclose(image.GetDirection(), labels.GetDirection()))
+    slices = [int(k) for k in args.slices.split(",")]
+    array = sitk.GetArrayFromImage(labels)
+    with open(os.environ["FAKE_ARGS_FILE"], "w", encoding="utf-8") as fh:
+        json.dump({"args": vars(args), "same_grid": same_grid, "image_name": os.path.basename(args.image),
+                   "values": {k: sorted(int(v) for v in np.unique(array[k])) for k in slices},
+                   "nonzero": {k: int((array[k] > 0).sum()) for k in slices},
+                   "table": json.load(open(args.labels_table, encoding="utf-8"))}, fh)
+    if mode == "hang":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(os.environ["FAKE_PIDFILE"], "w") as fh:
+            fh.write(f"{os.getpid()} {child.pid}\n")
+        send(wp.Progress(1, len(slices), stage="embed"))
+        time.sleep(600)
+        return 0
+    for done in range(len(slices) + 1):
+        send(wp.Progress(done, len(slices), stage="embed"))
+    for epoch in range(1, args.epochs + 1):
+        if mode == "error" and epoch == 2:
+            send(wp.Error(message="label values [42] (in corrected slices [3]) are not in the label set", kind="input"))
+            return 2
+        send(wp.Log(f"epoch {epoch}/{args.epochs}: loss {1 / epoch:.4f} (stage 1 0.1, stage 2 0.1, w 0.5), "
+                    f"validation Dice {0.5 + 0.1 * epoch:.4f}"))
+        send(wp.Progress(epoch, args.epochs, stage="train"))
+        if delay:
+            time.sleep(delay)
+    out = os.environ["FAKE_MODEL_OUT"]
+    with open(out, "wb") as fh:
+        fh.write(b"fake model")
+    send(wp.Result(output=out, labels=json.load(open(args.labels_table, encoding="utf-8")), model="fake-ft-model",
+                   seconds=0.1))
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["finetune"]:
+        return finetune_main(sys.argv[2:])
     parser = argparse.ArgumentParser()
     parser.add_argument("command")
     parser.add_argument("--input", required=True)

@@ -112,6 +112,8 @@ def test_extension_description_agrees_everywhere():
     assert value["EXTENSION_HOMEPAGE"] == s4ext["homepage"]
     assert value["EXTENSION_ICONURL"] == s4ext["iconurl"] and value["EXTENSION_ICONURL"].endswith("HSAMExtension.png")
     assert value["EXTENSION_SCREENSHOTURLS"] == s4ext["screenshoturls"]
+    for url in (value["EXTENSION_ICONURL"], *value["EXTENSION_SCREENSHOTURLS"].split()):
+        assert (REPO / url.split("/main/", 1)[1]).is_file(), f"{url} names a file the repository does not have"
     assert value["EXTENSION_DESCRIPTION"] == s4ext["description"]
     assert value["EXTENSION_CONTRIBUTORS"] == s4ext["contributors"]
     assert s4ext["scmurl"] == index["scm_url"] and s4ext["scm"] == "git"

@@ -15,8 +15,13 @@ from hsamsegment_testlib import MODULE_DIR
 
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "HSAMSegment.ui"
 MODULE_FILE = MODULE_DIR / "HSAMSegment.py"
+GUI_FILES = (MODULE_FILE, MODULE_DIR / "HSAMSegmentLib" / "finetune_panel.py")  # code that touches ``self.ui``
 QT_BASES = {"QWidget", "QLabel", "QComboBox", "QPushButton", "QCheckBox", "QProgressBar", "QPlainTextEdit",
-            "QVBoxLayout", "QHBoxLayout", "QFormLayout"}
+            "QLineEdit", "QSpinBox", "QVBoxLayout", "QHBoxLayout", "QFormLayout"}
+
+
+def gui_source() -> str:
+    return "\n".join(path.read_text(encoding="utf-8") for path in GUI_FILES)
 
 
 def ui_tree():
@@ -39,9 +44,9 @@ def parameter_names():
 
 
 def ui_uses():
-    """{widget name: set of members} for every ``self.ui.<name>[.<member>]`` in the module file."""
+    """{widget name: set of members} for every ``self.ui.<name>[.<member>]`` in the GUI code."""
     uses: dict[str, set[str]] = {}
-    for match in re.finditer(r"self\.ui\.(\w+)(?:\.(\w+))?", MODULE_FILE.read_text(encoding="utf-8")):
+    for match in re.finditer(r"self\.ui\.(\w+)(?:\.(\w+))?", gui_source()):
         uses.setdefault(match.group(1), set())
         if match.group(2):
             uses[match.group(1)].add(match.group(2))
@@ -68,7 +73,9 @@ def test_every_widget_the_module_touches_exists():
     assert not missing, f"HSAMSegment.py uses widgets missing from the .ui: {missing}"
     for required in ("inputVolumeSelector", "modelComboBox", "importWeightsButton", "deviceComboBox",
                      "outputSegmentationSelector", "segmentButton", "progressBar", "statusLabel", "logTextEdit",
-                     "show3DCheckBox"):
+                     "show3DCheckBox", "finetuneSegmentationSelector", "correctedSlicesLineEdit", "proposeSlicesButton",
+                     "finetuneModeComboBox", "finetuneEpochsSpinBox", "finetuneButton", "revertModelButton",
+                     "validationLabel"):
         assert required in present
 
 
@@ -76,7 +83,8 @@ def test_every_slicer_parameter_name_is_a_parameter_field_with_a_fitting_widget(
     from HSAMSegmentLib.parameters import PARAMETER_NAMES, HSAMSegmentParameters
 
     bound = parameter_names()
-    assert set(bound.values()) == {"inputVolume", "outputSegmentation", "show3D"}
+    assert set(bound.values()) == {"inputVolume", "outputSegmentation", "show3D", "finetuneSegmentation",
+                                   "correctedSlices", "finetuneEpochs", "segmentAfterFinetune"}
     annotations = HSAMSegmentParameters.__annotations__
     classes = widgets()
     root = ui_tree()
@@ -89,11 +97,11 @@ def test_every_slicer_parameter_name_is_a_parameter_field_with_a_fitting_widget(
             node_types = [s.text for p in element.findall("property") if p.get("name") == "nodeTypes"
                           for s in p.iter("string")]
             assert node_types == [kind.strip("'\"")], (widget_name, node_types, kind)
-        elif kind == "bool":
-            assert classes[widget_name] == "QCheckBox"
-    # Fields that are not bound are set by the Widget code itself.
+        else:
+            assert classes[widget_name] == {"bool": "QCheckBox", "int": "QSpinBox", "str": "QLineEdit"}[kind]
+    # Fields that are not bound are set by the GUI code itself.
     for field in set(PARAMETER_NAMES) - set(bound.values()):
-        assert re.search(rf"\.{field}\b", MODULE_FILE.read_text(encoding="utf-8")), field
+        assert re.search(rf"\.{field}\b", gui_source()), field
 
 
 def test_parameter_class_defaults():
@@ -147,3 +155,10 @@ def test_widget_code_holds_gui_code_only():
     logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "HSAMSegmentLogic")
     assert logic.end_lineno - logic.lineno < 120, "the Logic is a facade; put the work in HSAMSegmentLib"
     assert len(Path(MODULE_FILE).read_text(encoding="utf-8").splitlines()) < 500, "keep the module file thin"
+
+
+def test_finetune_section_holds_gui_code_only():
+    source = (MODULE_DIR / "HSAMSegmentLib" / "finetune_panel.py").read_text(encoding="utf-8")
+    for forbidden in ("subprocess", "FinetuneJob(", "SegmentJob(", "training_labels", "export_volume", "SimpleITK",
+                      "torch", "AddNode("):
+        assert forbidden not in source, f"the Fine-tune section should not use {forbidden}"
