@@ -56,9 +56,11 @@ in a CT volume with H-SAM, a prompt-free hierarchical extension of the Segment A
 Select the volume, a model and a device, then click <b>Segment organs</b>: the model runs in a background process
 (the application stays responsive; <b>Cancel</b> stops it and leaves the scene as it was) and the result appears as
 a segmentation with one named, coloured, terminology-coded segment per organ.
+<b>Fine-tune</b>: correct a few slices in Segment Editor, click <b>Propose</b> to list them, then <b>Fine-tune</b>;
+the adapted model joins the model list and segments the volume again.
 On the first run PyTorch and a few Python packages are installed (you are asked first) and the model weights are
 downloaded and checked; offline, use <b>Import weights from file…</b>.
-See the <a href="https://github.com/hsam-slicer/HSAMExtension#readme">documentation</a>.
+See the <a href="https://github.com/HSAMExtension/HSAMExtension#readme">documentation</a>.
 """)
         self.parent.acknowledgementText = _("""
 H-SAM: Z. Cheng, Q. Wei, H. Zhu, Y. Wang, L. Qu, W. Shao, Y. Zhou. "Unleashing the Potential of SAM for Medical

@@ -132,10 +132,9 @@ class FinetuneSection:
     def onJobEvent(self, job: FinetuneJob, what: str) -> None:
         if what == "validation" and job.validation:
             last, best = job.validation[-1], job.best_validation
-            self.ui.validationLabel.text = _tr("Validation Dice {dice:.3f} after epoch {epoch}/{epochs} (best {best:.3f}, "
-                                               "epoch {best_epoch})").format(dice=last.dice, epoch=last.epoch,
-                                                                             epochs=last.epochs, best=best.dice,
-                                                                             best_epoch=best.epoch)
+            text = _tr("Validation Dice {dice:.3f} after epoch {epoch}/{epochs} (best {best:.3f}, epoch {best_epoch})")
+            self.ui.validationLabel.text = text.format(dice=last.dice, epoch=last.epoch, epochs=last.epochs,
+                                                       best=best.dice, best_epoch=best.epoch)
         elif what == "state" and job.state is JobState.SUCCEEDED:
             p = self.params
             base = job.request.base

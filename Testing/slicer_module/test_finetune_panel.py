@@ -57,7 +57,8 @@ class FakeModuleWidget:
         names = ("finetuneModeComboBox", "proposeSlicesButton", "finetuneButton", "revertModelButton",
                  "finetuneSegmentationSelector", "correctedSlicesLineEdit", "finetuneEpochsSpinBox",
                  "segmentAfterFinetuneCheckBox", "validationLabel")
-        self.ui = SimpleNamespace(**{name: FakeWidget() for name in names}, logTextEdit=SimpleNamespace(clear=lambda: 0))
+        self.ui = SimpleNamespace(**{name: FakeWidget() for name in names},
+                                  logTextEdit=SimpleNamespace(clear=lambda: 0))
         self.logic, self._parameterNode, self._models = logic, params, models
         self.job, self.status, self.segments_started = None, [], []
 
