@@ -16,6 +16,7 @@ core writes it there, with a readable name and date); the base model and the sce
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,25 +318,13 @@ class FinetuneJob(WorkerJob):
         return self.request.base
 
     def _worker_arguments(self, folder: Path) -> list[str]:
-        import SimpleITK as sitk
-
         req = self.request
         assert self.labels is not None and self.label_set is not None
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", req.volume.GetName()).strip("._") or "volume"
         image_path = scene_io.export_volume(req.volume, folder / f"{stem}.nrrd")
-        labels_path = folder / "corrected-labels.nrrd"
-        image = sitk.GetImageFromArray(self.labels)
-        spacing, origin, direction = scene_io.sitk_geometry(scene_io.ijk_to_ras(req.volume))
-        image.SetSpacing(spacing)
-        image.SetOrigin(origin)
-        image.SetDirection(direction)
-        try:
-            sitk.WriteImage(image, str(labels_path), True)
-        except RuntimeError as exc:
-            raise HSAMError(f"could not write the corrected labels to the temporary file {labels_path}: {exc}") from exc
+        labels_path = scene_io.write_on_volume_grid(self.labels, req.volume, folder / "corrected-labels.nrrd",
+                                                    "the corrected labels")
         table_path = folder / "label-table.json"
-        import json
-
         table_path.write_text(json.dumps(self.label_set.to_json(), indent=1), encoding="utf-8")
         args = ["finetune", "--image", str(image_path), "--labels", str(labels_path), "--labels-table",
                 str(table_path), "--slices", ",".join(str(k) for k in req.slices), "--base", base_argument(req.base),

@@ -175,20 +175,27 @@ def sitk_geometry(matrix: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 
 def export_volume(volume_node: Any, path: str | Path) -> Path:
     """Write the volume to an (uncompressed) NRRD file on its own voxel grid, for the worker to read."""
+    array = volume_array(volume_node)
+    return write_on_volume_grid(array, volume_node, path, "the input volume", compress=False)
+
+
+def write_on_volume_grid(array: np.ndarray, volume_node: Any, path: str | Path, what: str,
+                         compress: bool = True) -> Path:
+    """Write ``array`` (k, j, i) as an image file with ``volume_node``'s geometry (for the worker to read); the
+    array is copied, so a node's memory is never touched. Checks the free space first."""
     import SimpleITK as sitk
 
     path = Path(path)
-    array = volume_array(volume_node)
-    check_free_space(path.parent, int(array.nbytes * 1.05) + (1 << 20), "a temporary copy of the input volume")
-    image = sitk.GetImageFromArray(array)  # copies: the node's memory is never touched
+    check_free_space(path.parent, int(array.nbytes * 1.05) + (1 << 20), f"a temporary copy of {what}")
+    image = sitk.GetImageFromArray(array)
     spacing, origin, direction = sitk_geometry(ijk_to_ras(volume_node))
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
     image.SetDirection(direction)
     try:
-        sitk.WriteImage(image, str(path), False)
+        sitk.WriteImage(image, str(path), compress)
     except RuntimeError as exc:
-        raise HSAMError(f"could not write the input volume to the temporary file {path}: "
+        raise HSAMError(f"could not write {what} to the temporary file {path}: "
                         f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}") from exc
     return path
 
