@@ -267,14 +267,15 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.clear()
         self.startSegment(self._parameterNode.outputSegmentation)
 
-    def startSegment(self, outputSegmentation) -> None:
+    def startSegment(self, outputSegmentation, guide=(None, None)) -> None:
         p = self._parameterNode
         try:
             self.showStatus(_("Checking the Python packages H-SAM needs…"))
             self.logic.ensureDependencies()  # does something on the first click only; asks before installing
             with slicer.util.WaitCursor():
                 job = self.logic.segment(p.inputVolume, self.currentModel(), outputSegmentation,
-                                         device=p.device or "auto", show3D=p.show3D, listener=self.onJobEvent)
+                                         device=p.device or "auto", show3D=p.show3D, listener=self.onJobEvent,
+                                         guideLabels=guide[0], guideSlices=guide[1])
         except HSAMError as exc:
             self.showStatus(str(exc), error=True)
             self.updateButtons()
@@ -392,11 +393,13 @@ class HSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, inputVolume, model=None, outputSegmentation=None, device: str = "auto", show3D: bool = True,
                 batchSize: int = None, wait: bool = False, timeout: float = None, listener=None,
-                checkDependencies: bool = True) -> SegmentJob:
+                checkDependencies: bool = True, guideLabels=None, guideSlices=None) -> SegmentJob:
         """Start a run (``wait=False``: poll the returned job; ``wait=True``: return when finished, raising
-        ``WorkerFailed`` with a readable message if it failed). Input problems raise before anything changes."""
+        ``WorkerFailed`` with a readable message if it failed). Input problems raise before anything changes.
+        ``guideLabels``/``guideSlices`` (e.g. a FinetuneJob's ``labels`` and ``request.slices``): a guided run."""
         model = self._prepare(model, checkDependencies)
-        request = SegmentRequest(inputVolume, model, outputSegmentation, device, show3D, batchSize)
+        request = SegmentRequest(inputVolume, model, outputSegmentation, device, show3D, batchSize,
+                                 guide_labels=guideLabels, guide_slices=guideSlices)
         job = SegmentJob(self.scene, request, self.launcher, self.undo, self.predictions.listener(listener),
                          temp_root=self._tempRoot())
         return self._run(job, wait, timeout)

@@ -24,6 +24,24 @@ Each path is warmed up with one batch, then every batch is timed: ``slices_per_s
 per-slice time over the batches (robust to other jobs on a shared machine), ``slices_per_s_total`` the plain
 slices / total seconds; ``batch_seconds`` lists them all. Speed-ups and ratios use ``slices_per_s``.
 
+``stages``     the whole product path on a synthetic CT file (``hsam.engine.pipeline.segment_file``: read the
+               file, checks, reorientation, normalisation, the segmenter, label values, write a .seg.nrrd) with
+               the segmenter's ``StageTimer`` on: wall seconds per slice of ``preprocess``, ``encoder``,
+               ``decoders``, ``postprocess`` and ``io`` (read + write), plus the once-per-volume ``setup`` (the
+               segmenter's model copy). The timer synchronises the device at each stage boundary.
+
+Ceilings: a process measures what this machine can do with the same thread count (``measure_ceilings``): the
+best of ten 2048² float32 GEMMs (GFLOP/s; 8192² on GPUs; on CPUs with native bfloat16 and on CUDA also a
+bfloat16 GEMM of the same size) and of a large tensor copy (256 MB, GB/s counted as bytes read + written; on a
+GPU a 1 GB device-to-device copy) — once before the paths and once after them, keeping the better of the two
+(on a shared machine a single measurement can land in a busy moment and make every fraction look too good).
+Every record carries them (``ceilings``) and its ``fraction_of_ceiling`` = ``gflops_per_s`` / the GEMM
+ceiling of its precision (bf16 GEMM for bf16/fp16 paths where measured; fp32 GEMM for fp32 and int8); the
+stage breakdown does the same for the encoder and the decoders (the stages whose FLOPs are counted), each
+against the precision it runs in (the CPU bf16 recipe runs the decoders in fp32).
+The FLOP count is the reference model's (see below), so a fraction slightly above 1 is possible for paths
+that skip work the count includes.
+
 FLOPs per slice are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the reference model (LoRA
 unmerged, SAM attention), batch 1. It counts matrix multiplications and convolutions (2 FLOPs per
 multiply-add) and ignores softmax, normalisation and element-wise work. For ViT-B/512 and K = 9 it gives
@@ -62,7 +80,13 @@ BACKBONES: dict[str, tuple[str, int, int]] = {
     "tiny": ("tiny", 3, 80),
 }
 REQUIRED_KEYS = ("backbone", "device", "dtype", "batch_size", "slices_per_s", "gflops_per_s", "peak_rss_mb",
-                 "baseline_slices_per_s", "speedup_vs_baseline")
+                 "baseline_slices_per_s", "speedup_vs_baseline", "ceilings", "ceiling", "ceiling_gflops_per_s",
+                 "fraction_of_ceiling")
+CEILING_KEYS = ("device", "threads", "gemm_size", "fp32_gemm_gflops_per_s", "bf16_gemm_gflops_per_s",
+                "copy_gb_per_s", "copy_kind")
+STAGES = ("preprocess", "encoder", "decoders", "postprocess", "io")
+STAGE_KEYS = ("seconds", "seconds_per_slice", "share")  # plus gflop_per_slice, gflops_per_s, fraction_of_ceiling
+GEMM_SIZE = 2048
 
 
 def architecture_for(backbone: str) -> dict:
@@ -245,6 +269,10 @@ def _dtype_name(dtype) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
+def _seg_dtype(seg) -> str:
+    return "int8" if getattr(seg, "int8", False) else _dtype_name(seg.dtype)
+
+
 def _measure_pipeline(spec: dict) -> dict:
     import gc
 
@@ -263,7 +291,7 @@ def _measure_pipeline(spec: dict) -> dict:
     clock = _BatchClock()
     labels = seg.segment(slices, progress=clock.progress)  # labels reach the CPU after each batch: no sync
     assert labels.shape == slices.shape
-    return {**clock.result(), "batch_size": seg.batch_size, "dtype": _dtype_name(seg.dtype),
+    return {**clock.result(), "batch_size": seg.batch_size, "dtype": _seg_dtype(seg),
             "device": str(seg.device), "attention": "sam" if spec.get("attention") == "sam" else _attention(seg.model)}
 
 
@@ -294,7 +322,7 @@ def _measure_encoder(spec: dict) -> dict:
             _sync(device)
             done += b
             clock.tick(b)
-    return {**clock.result(), "batch_size": batch, "dtype": _dtype_name(dtype), "device": str(device),
+    return {**clock.result(), "batch_size": batch, "dtype": _seg_dtype(seg), "device": str(device),
             "attention": "sam" if spec.get("attention") == "sam" else _attention(seg.model)}
 
 
@@ -316,6 +344,101 @@ def _measure_memory(spec: dict) -> dict:
             "volume_mb": (volume.nbytes + labels.nbytes) / 2**20}
 
 
+def measure_ceilings(device: str = "cpu", size: int = GEMM_SIZE, repeats: int = 10, copy_mb: int = 256) -> dict:
+    """This machine's ceilings at the current thread count (see the module docstring): the best of
+    ``repeats`` timed GEMMs of ``size``² (after one warm-up) and of a ``copy_mb`` MB tensor copy."""
+    import torch
+
+    from .engine.device import cpu_has_native_bf16, resolve_device
+
+    dev = resolve_device(device)
+
+    def best(fn) -> float:
+        fn()
+        _sync(dev)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            _sync(dev)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def gemm(dtype, n: int) -> float:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(n, n, generator=g).to(dev, dtype)
+        b = torch.randn(n, n, generator=g).to(dev, dtype)
+        with torch.inference_mode():
+            seconds = best(lambda: torch.mm(a, b))
+        return 2 * n**3 / seconds / 1e9
+
+    gpu = dev.type in ("cuda", "mps")
+    n = max(size, 8192) if gpu else size  # small GEMMs measure launch overhead on a GPU
+    out: dict[str, Any] = {"device": str(dev), "threads": torch.get_num_threads(), "gemm_size": n,
+                           "fp32_gemm_gflops_per_s": round(gemm(torch.float32, n), 1),
+                           "bf16_gemm_gflops_per_s": None}
+    if dev.type == "cuda" or (dev.type == "cpu" and cpu_has_native_bf16()):
+        out["bf16_gemm_gflops_per_s"] = round(gemm(torch.bfloat16, n), 1)
+    numel = (max(copy_mb, 1024) if gpu else copy_mb) * 2**20 // 4
+    src = torch.empty(numel, dtype=torch.float32, device=dev).fill_(1.0)
+    dst = torch.empty_like(src)
+    seconds = best(lambda: dst.copy_(src))
+    out["copy_gb_per_s"] = round(2 * src.numel() * 4 / seconds / 1e9, 1)  # bytes read + written
+    out["copy_kind"] = "device-to-device" if dev.type in ("cuda", "mps") else "host memory"
+    if dev.type == "cuda":
+        out["device_name"] = torch.cuda.get_device_name(dev)
+    return out
+
+
+def _measure_ceilings(spec: dict) -> dict:
+    return measure_ceilings(spec["device"], int(spec.get("gemm_size") or GEMM_SIZE))
+
+
+def _bench_description(backbone: str, num_classes: int):
+    from .data.labels import SYNAPSE_ORGANS, LabelSet
+    from .description import IntensitySpec, ModelDescription, OrientationSpec
+
+    labels = LabelSet(f"bench-{num_classes - 1}", SYNAPSE_ORGANS.classes[: num_classes - 1])
+    return ModelDescription(name=f"bench-{backbone}", architecture=architecture_for(backbone), labels=labels,
+                            intensity=IntensitySpec("window", -125.0, 275.0, "CT"),
+                            orientation=OrientationSpec(verified=True, source="bench"))
+
+
+def _measure_stages(spec: dict) -> dict:
+    """``segment_file`` on a synthetic CT file (HU, int16, compressed NRRD) with the stage timer on; a short
+    warm-up run first (kernel selection), not counted."""
+    import tempfile
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .engine.pipeline import segment_file, segment_image
+    from .weights.loader import LoadedModel
+
+    backbone, k, side, n = spec["backbone"], spec["num_classes"], spec["side"], spec["slices"]
+    model = _build(backbone, k).eval()
+    loaded = LoadedModel(model, _bench_description(backbone, k), "bench (random weights)")
+    windowed = synthetic_ct(n, side, side)
+    hu = np.where(windowed > 0, np.rint(windowed * 400.0 - 125.0), -1000.0).astype(np.int16)  # air back at -1000
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((0.8, 0.8, 2.5))
+    options = dict(device=spec["device"], batch_size=spec.get("batch_size"), precision=spec.get("precision", "auto"))
+    with tempfile.TemporaryDirectory(prefix="hsam-bench-") as tmp:
+        source = os.path.join(tmp, "ct.nrrd")
+        sitk.WriteImage(image, source, True)
+        segment_image(image[:, :, :1], loaded, **options)  # warm-up
+        stages: dict[str, float] = {}
+        result = segment_file(source, os.path.join(tmp, "labels.seg.nrrd"), loaded, stage_seconds=stages,
+                              **options)
+    setup = stages.pop("setup", 0.0)
+    seconds = sum(stages.values())
+    return {"seconds": seconds, "slices": n, "batch_seconds": [[n, round(seconds, 4)]],
+            "setup_seconds": round(setup, 3),
+            "stage_seconds": {name: round(stages.get(name, 0.0), 4) for name in STAGES},
+            "batch_size": result.engine["batch_size"], "dtype": result.engine["dtype"],
+            "device": result.engine["device"], "attention": "n/a" if backbone == "litemedsam" else "sdpa"}
+
+
 def _attention(model) -> str:
     from .model.fast_attention import FastViTAttention
 
@@ -333,7 +456,7 @@ def _sync(device) -> None:
 
 
 _WORKERS = {"baseline": _measure_baseline, "pipeline": _measure_pipeline, "encoder": _measure_encoder,
-            "memory": _measure_memory, "flops": None}
+            "memory": _measure_memory, "stages": _measure_stages, "flops": None, "ceilings": None}
 
 
 def run_worker(spec: dict) -> dict:
@@ -346,6 +469,8 @@ def run_worker(spec: dict) -> dict:
     try:
         if spec["path"] == "flops":
             return count_gflops(spec["backbone"], spec["num_classes"])
+        if spec["path"] == "ceilings":
+            return _measure_ceilings(spec)
         with PeakRSS() as sampler:
             record = _WORKERS[spec["path"]](spec)
         lifetime = process_peak_rss_mb() if spec.get("isolated") else None
@@ -371,7 +496,7 @@ def _run_isolated(spec: dict, timeout: float) -> dict:
 
 # ----------------------------------------------------------------------------------------------- the bench
 def _plan(backbone: str, device: str, slices: int, batch_sizes: Iterable[int | None], memory_slices: Iterable[int],
-          precisions: Iterable[str]) -> list[dict]:
+          precisions: Iterable[str], stages: bool = True) -> list[dict]:
     k, side = BACKBONES[backbone][1], BACKBONES[backbone][2]
     base = {"backbone": backbone, "num_classes": k, "side": side, "device": device}
     sam_blocks = backbone != "litemedsam"
@@ -388,6 +513,8 @@ def _plan(backbone: str, device: str, slices: int, batch_sizes: Iterable[int | N
             n = max(slices, batch or 1)
             plan.append({**base, "path": "pipeline", "precision": precision, "batch_size": batch, "slices": n})
             plan.append({**base, "path": "encoder", "precision": precision, "batch_size": batch, "slices": n})
+    if stages:
+        plan.append({**base, "path": "stages", "precision": "auto", "batch_size": first, "slices": max(1, slices)})
     for n in memory_slices:
         plan.append({**base, "path": "memory", "precision": "auto", "batch_size": None, "slices": int(n)})
     return plan
@@ -408,12 +535,13 @@ def _default_precisions(device: str) -> list[str]:
 def run_bench(backbones: Iterable[str] = ("sam_vit_b", "litemedsam"), device: str = "auto", slices: int = 4,
               batch_sizes: Iterable[int | None] = (None,), json: bool = False, precisions: Iterable[str] | None = None,
               memory_slices: Iterable[int] = (8, 24), isolate: bool = True, threads: int | None = None,
-              timeout: float = 3600.0, log: Any = None) -> list[dict]:
+              timeout: float = 3600.0, log: Any = None, stages: bool = True, gemm_size: int = GEMM_SIZE) -> list[dict]:
     """Measure the paths of the module docstring; returns one record per path (see ``REQUIRED_KEYS``).
 
     ``batch_sizes``: pipeline/encoder batch sizes (``None`` = the segmenter's automatic choice).
     ``precisions``: default fp32, plus bf16 where the hardware has it. ``memory_slices``: volume sizes of the
     memory check (empty to skip). ``isolate``: one fresh process per path (separate peak RSS; slower start).
+    ``stages``: the per-stage breakdown of the product path. ``gemm_size``: side of the ceiling GEMMs.
     Without ``json`` a table is printed to stdout as well.
     """
     from .engine.device import resolve_device
@@ -422,6 +550,10 @@ def run_bench(backbones: Iterable[str] = ("sam_vit_b", "litemedsam"), device: st
     precisions = list(precisions) if precisions is not None else _default_precisions(device_name)
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     records: list[dict] = []
+    ceiling_spec = {"path": "ceilings", "device": device_name, "threads": threads, "gemm_size": gemm_size}
+    ceilings = _dispatch(ceiling_spec, isolate, timeout)
+    say(f"[bench] ceilings before: {_ceilings_text(ceilings)}")
+    flops_of: dict[str, dict] = {}
     for backbone in backbones:
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r} ({'|'.join(BACKBONES)})")
@@ -434,10 +566,11 @@ def run_bench(backbones: Iterable[str] = ("sam_vit_b", "litemedsam"), device: st
             say(f"[bench] {note}")
             records.append({"backbone": backbone, "device": device_name, "skipped": True, "note": note})
             continue
+        flops_of[backbone] = flops
         say(f"[bench] {backbone}: {flops['encoder_gflop']:.2f} GFLOP/slice in the encoder, "
             f"{flops['model_gflop']:.2f} in the whole model; weights: {WEIGHTS_NOTE}")
         rows = []
-        for spec in _plan(backbone, device_name, slices, batch_sizes, memory_slices, precisions):
+        for spec in _plan(backbone, device_name, slices, batch_sizes, memory_slices, precisions, stages):
             spec["threads"] = threads
             say(f"[bench] {backbone} {spec['path']} precision={spec.get('precision', 'fp32')} "
                 f"batch={spec.get('batch_size') or 'auto'} attention={spec.get('attention', 'default')} "
@@ -446,6 +579,13 @@ def run_bench(backbones: Iterable[str] = ("sam_vit_b", "litemedsam"), device: st
             rows.append(_record(backbone, spec, raw, flops, device_name))
         _finish(rows)
         records.extend(rows)
+    if any(not r.get("skipped") for r in records):
+        after = _dispatch(ceiling_spec, isolate, timeout)
+        say(f"[bench] ceilings after: {_ceilings_text(after)}")
+        ceilings = best_ceilings(ceilings, after)
+    for r in records:
+        if not r.get("skipped"):
+            apply_ceilings(r, ceilings, flops_of[r["backbone"]])
     if not json:
         print(format_table(records))
     return records
@@ -453,6 +593,71 @@ def run_bench(backbones: Iterable[str] = ("sam_vit_b", "litemedsam"), device: st
 
 def _dispatch(spec: dict, isolate: bool, timeout: float) -> dict:
     return _run_isolated(spec, timeout) if isolate else run_worker(spec)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def _ceilings_text(c: dict) -> str:
+    return (f"{c['device']} ({c['threads']} threads): fp32 GEMM {c['fp32_gemm_gflops_per_s']:.1f} GFLOP/s, bf16 GEMM "
+            f"{_fmt(c['bf16_gemm_gflops_per_s'], '{:.1f} GFLOP/s')}, {c['copy_kind']} copy "
+            f"{c['copy_gb_per_s']:.1f} GB/s")
+
+
+def best_ceilings(*measured: dict) -> dict:
+    """The better value of each ceiling over several measurements (``measurements``: how many)."""
+    out = dict(measured[0])
+    for other in measured[1:]:
+        for key in ("fp32_gemm_gflops_per_s", "bf16_gemm_gflops_per_s", "copy_gb_per_s"):
+            values = [v for v in (out.get(key), other.get(key)) if v is not None]
+            out[key] = max(values) if values else None
+    out["measurements"] = len(measured)
+    return out
+
+
+def apply_ceilings(record: dict, ceilings: dict, flops: dict) -> None:
+    """Fill a record's ceiling fields (and a ``stages`` record's breakdown) from ``ceilings``."""
+    name, ceiling = ceiling_for(record["dtype"], ceilings)
+    record.update(ceilings=ceilings, ceiling=name, ceiling_gflops_per_s=ceiling,
+                  fraction_of_ceiling=_fraction(record["gflops_per_s"], ceiling))
+    if record["path"] == "stages":
+        record["stages"] = stage_breakdown(record.pop("stage_seconds"), record["slices"], flops, ceilings,
+                                           record["dtype"], record["device"])
+
+
+def ceiling_for(dtype: str, ceilings: dict) -> tuple[str, float]:
+    """(name, GFLOP/s) of the GEMM ceiling a path of ``dtype`` is compared with."""
+    if dtype in ("bf16", "fp16") and ceilings.get("bf16_gemm_gflops_per_s"):
+        return "bf16 GEMM", float(ceilings["bf16_gemm_gflops_per_s"])
+    return "fp32 GEMM", float(ceilings["fp32_gemm_gflops_per_s"])
+
+
+def _fraction(gflops_per_s: float, ceiling: float) -> float:
+    return float(f"{gflops_per_s / ceiling:.4g}") if ceiling > 0 else float("nan")
+
+
+def stage_breakdown(stage_seconds: dict, slices: int, flops: dict, ceilings: dict, dtype: str = "fp32",
+                    device: str = "cpu") -> dict:
+    """Per stage: seconds, seconds per slice, share of the total; for the encoder and the decoders also the
+    counted GFLOP per slice, the achieved GFLOP/s, the ceiling of the precision the stage runs in (the CPU bf16
+    recipe keeps the decoders fp32) and the fraction of it."""
+    total = sum(stage_seconds.values()) or float("nan")
+    gflop = {"encoder": flops["encoder_gflop"], "decoders": flops["model_gflop"] - flops["encoder_gflop"]}
+    cpu_recipe = str(device).startswith("cpu") and dtype in ("bf16", "int8")
+    stage_dtype = {"encoder": dtype, "decoders": "fp32" if cpu_recipe else dtype}
+    out = {}
+    for name in STAGES:
+        seconds = float(stage_seconds.get(name, 0.0))
+        entry = {"seconds": round(seconds, 4), "seconds_per_slice": round(seconds / max(1, slices), 4),
+                 "share": round(seconds / total, 4)}
+        if name in gflop and seconds > 0:
+            rate = gflop[name] * slices / seconds
+            ceiling_name, ceiling = ceiling_for(stage_dtype[name], ceilings)
+            entry.update(gflop_per_slice=round(gflop[name], 3), gflops_per_s=round(rate, 3), ceiling=ceiling_name,
+                         fraction_of_ceiling=_fraction(rate, ceiling))
+        out[name] = entry
+    return out
 
 
 def _record(backbone: str, spec: dict, raw: dict, flops: dict, device_name: str) -> dict:
@@ -472,6 +677,9 @@ def _record(backbone: str, spec: dict, raw: dict, flops: dict, device_name: str)
     for key in ("lora", "grad_mode", "resize", "volume_mb"):
         if key in raw:
             record[key] = raw[key] if not isinstance(raw[key], float) else round(raw[key], 1)
+    if path == "stages":  # the breakdown is filled in with the ceilings (apply_ceilings)
+        record["setup_seconds"] = raw["setup_seconds"]
+        record["stage_seconds"] = raw["stage_seconds"]
     if path == "pipeline" and raw["dtype"] == "bf16" and record["device"] == "cpu":
         record["precision_note"] = "CPU bf16 recipe: encoder proj + MLP linears in bfloat16, the rest float32"
     return record
@@ -514,7 +722,8 @@ def format_table(records: list[dict]) -> str:
             ("dtype", "dtype", "{}"), ("attention", "attn", "{}"), ("batch_size", "batch", "{}"),
             ("slices", "n", "{}"), ("seconds_per_slice", "s/slice", "{:.3f}"), ("slices_per_s", "slices/s", "{:.3f}"),
             ("gflops_per_s", "GFLOP/s", "{:.1f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
-            ("speedup_vs_baseline", "× baseline", "{:.2f}"), ("pipeline_to_encoder_time_ratio", "pipe/enc", "{:.2f}")]
+            ("speedup_vs_baseline", "× baseline", "{:.2f}"), ("pipeline_to_encoder_time_ratio", "pipe/enc", "{:.2f}"),
+            ("fraction_of_ceiling", "of ceiling", "{:.1%}")]
     table = [[title for _, title, _ in cols]]
     notes = []
     for r in records:
@@ -532,8 +741,29 @@ def format_table(records: list[dict]) -> str:
     lines = ["  ".join(cell.rjust(widths[i]) for i, cell in enumerate(row)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"weights: {WEIGHTS_NOTE}")
+    ceilings = next((r["ceilings"] for r in records if r.get("ceilings")), None)
+    if ceilings:
+        lines.append(f"ceilings {_ceilings_text(ceilings)}; 'of ceiling' = GFLOP/s ÷ the GEMM ceiling of the "
+                     "path's precision")
+    for r in records:
+        if r.get("stages"):
+            lines.append(format_stages(r))
     lines.extend(notes)
     return "\n".join(lines)
+
+
+def format_stages(record: dict) -> str:
+    """The per-stage lines of a ``stages`` record."""
+    head = (f"{record['backbone']} stages ({record['device']}, {record['dtype']}, batch {record['batch_size']}, "
+            f"{record['slices']} slices, {record['seconds_per_slice']:.3f} s/slice incl. I/O, setup "
+            f"{record['setup_seconds']:.2f} s once):")
+    rows = [head]
+    for name, st in record["stages"].items():
+        extra = ""
+        if "gflops_per_s" in st:
+            extra = f"  {st['gflops_per_s']:8.1f} GFLOP/s  {st['fraction_of_ceiling']:.1%} of the {st['ceiling']}"
+        rows.append(f"  {name:<12}{st['seconds_per_slice']:8.3f} s/slice  {st['share']:6.1%}{extra}")
+    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -560,11 +790,17 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
     parser.add_argument("--batch-sizes", type=_int_list, default=[None], metavar="LIST",
                         help="comma-separated batch sizes, 'auto' for the automatic one (default auto)")
-    parser.add_argument("--precision", action="append", choices=["auto", "fp32", "bf16", "fp16"], dest="precisions",
-                        help="precision(s) to measure (repeatable; default fp32, plus bf16 where native)")
+    parser.add_argument("--precision", action="append", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                        dest="precisions", help="precision(s) to measure (repeatable; default fp32, plus bf16 where "
+                                                "native; int8: the CPU's opt-in int8 encoder linears)")
     parser.add_argument("--memory-slices", type=_int_list, default=[8, 24], metavar="LIST",
                         help="volume sizes (slices of 512²) of the memory check (default 8,24; '' to skip)")
     parser.add_argument("--no-memory-check", action="store_true", help="skip the memory check")
+    parser.add_argument("--no-stages", action="store_true",
+                        help="skip the per-stage breakdown of the product path (read, preprocess, encoder, "
+                             "decoders, postprocess, write)")
+    parser.add_argument("--gemm-size", type=int, default=GEMM_SIZE,
+                        help=f"side of the ceiling GEMMs (default {GEMM_SIZE})")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--in-process", action="store_true",
                         help="measure every path in this process (faster start; peak RSS then mixes paths)")
@@ -577,7 +813,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
                         slices=args.slices, batch_sizes=args.batch_sizes or [None], json=args.json,
                         precisions=args.precisions,
                         memory_slices=[] if args.no_memory_check else [n for n in args.memory_slices if n],
-                        isolate=not args.in_process, threads=args.threads)
+                        isolate=not args.in_process, threads=args.threads, stages=not args.no_stages,
+                        gemm_size=args.gemm_size)
     if args.json:
         print(_json.dumps(records, indent=1))
     return 0

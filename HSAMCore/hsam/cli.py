@@ -11,8 +11,10 @@ from . import __version__
 from .bench import add_bench_parser
 from .errors import HSAMError
 from .demo import add_demo_parser
+from .evaluate_cli import add_evaluate_parser
 from .finetune_cli import add_finetune_parser
 from .segment_cli import add_segment_parser
+from .train_cli import add_train_parser
 from .weights.cli import add_models_parser
 
 
@@ -24,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     add_segment_parser(subparsers)
     add_finetune_parser(subparsers)
+    add_evaluate_parser(subparsers)
     add_models_parser(subparsers)
     add_demo_parser(subparsers)
     add_bench_parser(subparsers)
+    add_train_parser(subparsers)
     return parser
 
 

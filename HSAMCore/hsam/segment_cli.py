@@ -23,12 +23,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: automatic)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                        help="auto (default): bf16/fp16 on GPUs, the CPU bf16 recipe on CPUs with native bf16, "
+                             "else fp32. int8: CPU only, experimental: the encoder's linears in int8 (faster, but "
+                             "it agrees less with fp32; see BENCHMARKS.md)")
     parser.add_argument("--orientation", help="override the model's slice orientation: 3 letters for "
                                               "(slice, row, column), e.g. SPL")
     parser.add_argument("--authors-roundtrip", type=int, metavar="PX",
                         help="reproduce the authors' tester: resize each slice to PX (224) and back, bicubic, "
                              "before the model (for comparison with published numbers only)")
+    parser.add_argument("--skip-air", dest="skip_air", action=argparse.BooleanOptionalAction, default=None,
+                        help="label slices that contain only air (no body) background without running the model "
+                             "(default: %s; the skipped slices are listed in the output)" % _skip_air_default())
+
+
+def _skip_air_default() -> str:
+    from .engine.air import SKIP_AIR_DEFAULT  # no torch
+
+    return "on" if SKIP_AIR_DEFAULT else "off"
 
 
 def add_segment_parser(subparsers) -> None:
@@ -36,12 +48,16 @@ def add_segment_parser(subparsers) -> None:
         "segment", help="segment a CT volume into organs",
         description="Segment IN (NIfTI, NRRD, MetaImage, InVesalius .inv3 or a DICOM folder) into OUT: "
                     "a .seg.nrrd Slicer segmentation (named, coloured, terminology-coded segments) or a "
-                    ".nii.gz/.nrrd label map, on IN's exact voxel grid.")
+                    ".nii.gz/.nrrd label map, on IN's exact voxel grid. With IN a folder of volumes or a .txt/.csv "
+                    "list and OUT a folder: a resumable cohort run, sharded over torchrun ranks (see hsam.cohort).")
     parser.add_argument("input", metavar="IN")
     parser.add_argument("output", metavar="OUT")
     add_model_arguments(parser)
     add_run_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .cohort import add_cohort_arguments  # IN a folder or .txt/.csv list: a cohort (hsam.cohort)
+
+    add_cohort_arguments(parser)
     parser.set_defaults(func=run_segment)
 
 
@@ -75,7 +91,7 @@ def load_from_args(args):
 def run_options(args) -> dict:
     return dict(device=args.device, batch_size=args.batch_size, precision=args.precision,
                 orientation=OrientationSpec.from_code(args.orientation) if args.orientation else None,
-                authors_roundtrip=args.authors_roundtrip)
+                authors_roundtrip=args.authors_roundtrip, skip_air=getattr(args, "skip_air", None))
 
 
 def run_segment(args) -> int:
@@ -83,6 +99,10 @@ def run_segment(args) -> int:
     from .engine.pipeline import segment_file
     from .errors import CancelledError
 
+    from .cohort import is_cohort_request, run_cohort_cli
+
+    if getattr(args, "merge_summaries", False) or is_cohort_request(args.input, args.output):
+        return run_cohort_cli(args)
     configure_cli_logging(args.quiet)
     if not (is_segmentation_path(args.output) or args.output.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha"))):
         from .errors import HSAMError

@@ -1,9 +1,13 @@
 """``python -m hsam.worker``: the background process the Slicer module runs (JSON-lines protocol).
 
     python -m hsam.worker segment --input IN.nrrd --output OUT.nrrd [--model ID | --checkpoint FILE
-        [--sam-checkpoint FILE]] [--device auto] [--batch-size N]
+        [--sam-checkpoint FILE]] [--device auto] [--batch-size N] [--guide-labels LABELS.nrrd --guide-slices SPEC]
     python -m hsam.worker finetune --image IMG.nrrd --labels LABELS.nrrd --slices 0,10,20-25 [--out FILE]
         [--base MODEL] [--mode fast|full] [--labels-table TABLE] [--epochs N] ... (see ``hsam finetune -h``)
+
+With ``--guide-labels``/``--guide-slices`` the segment run is *guided* (:func:`hsam.engine.guidance.segment_guided`):
+the listed k planes of LABELS (corrected slices, on IN's grid) keep their labels and guide the slices around them —
+what the Slicer module does after fine-tuning. It reports ``embed`` then ``segment`` progress.
 
 Fine-tuning reports progress per slice encoded (stage ``embed``) and per epoch (stage ``train``), validation
 Dice as log lines, and ends with a result whose ``output`` is the new model file (its description holds the
@@ -71,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--output", required=True)
     add_model_arguments(seg)
     add_run_arguments(seg)
+    seg.add_argument("--guide-labels", help="label map on the input's grid whose --guide-slices are corrected")
+    seg.add_argument("--guide-slices", help="the corrected k planes of --guide-labels, e.g. 0,10,20-25")
     from .finetune_cli import add_finetune_arguments
 
     ft = sub.add_parser("finetune")
@@ -107,6 +113,27 @@ def run_finetune(args, writer: ProtocolWriter) -> None:
                           seconds=round(time.perf_counter() - started, 3)))
 
 
+def run_guided_segment(args, loaded, writer: ProtocolWriter, started: float) -> None:
+    """The guided segment run: corrected slices keep their labels and guide the slices around them."""
+    from .data.segfile import read_labels, write_segmentation
+    from .data.volume import read_image
+    from .engine.finetune_data import parse_slice_spec
+    from .engine.guidance import segment_guided
+
+    if not args.guide_slices:
+        raise InputVolumeError("--guide-labels needs --guide-slices (the corrected slices)")
+    image = read_image(args.input)
+    labels = read_labels(args.guide_labels, image, None)
+    slices = parse_slice_spec(args.guide_slices)
+    result = segment_guided(image, labels, slices, loaded, device=args.device,
+                            progress=lambda done, total, stage: writer.send(wp.Progress(done, total, stage=stage)))
+    write_segmentation(result, loaded.description.labels, args.output,
+                       extra_metadata={"HSAM_Model": loaded.description.name, "HSAM_GuidedBy": args.guide_slices})
+    writer.send(wp.Log(f"guided by the corrected slices {args.guide_slices}, which keep their labels"))
+    writer.send(wp.Result(output=str(args.output), labels=loaded.description.labels.to_json(),
+                          model=loaded.description.name, seconds=round(time.perf_counter() - started, 3)))
+
+
 def run_segment(args, writer: ProtocolWriter) -> None:
     from .engine.pipeline import segment_file
     from .segment_cli import load_from_args, run_options
@@ -115,6 +142,9 @@ def run_segment(args, writer: ProtocolWriter) -> None:
     writer.send(wp.Progress(0, 1, stage="load"))
     loaded = load_from_args(args)
     writer.send(wp.Log(f"model {loaded.description.name} ({loaded.description.title or loaded.source})"))
+    if args.guide_labels:
+        run_guided_segment(args, loaded, writer, started)
+        return
     result = segment_file(args.input, args.output, loaded,
                           progress=lambda done, total: writer.send(wp.Progress(done, total, stage="segment")),
                           **run_options(args))

@@ -6,7 +6,9 @@ Flow: the user corrects some slices of a result in Segment Editor → **Propose*
 from the last prediction → **Fine-tune** runs in the background (the button turns into **Stop**), the status line
 shows slices encoded, then epochs, and the validation Dice of the held-out corrected slices → the new model is
 added to the model list and selected → (optional) the volume is segmented again with it into a new segmentation.
-**Revert to base model** selects the model the fine-tuning started from.
+The new segmentation is *guided*: the corrected slices keep their labels and guide the slices around them
+(:func:`hsam.engine.guidance.segment_guided`). **Revert to base model** selects the model the fine-tuning started
+from.
 """
 
 from __future__ import annotations
@@ -143,5 +145,5 @@ class FinetuneSection:
                 p.baseModelId = base.id
             self.widget.showStatus(_tr("Fine-tuned model '{name}' added to the model list and selected.").format(
                 name=job.model_name))
-            if p is not None and p.segmentAfterFinetune:
-                self.widget.startSegment(outputSegmentation=None)
+            if p is not None and p.segmentAfterFinetune:  # guided by the corrected slices, into a new segmentation
+                self.widget.startSegment(outputSegmentation=None, guide=(job.labels, job.request.slices))

@@ -61,7 +61,9 @@ class JobState(str, enum.Enum):
 
 @dataclass
 class SegmentRequest:
-    """What to segment and where the result goes (``output`` None: a new segmentation node)."""
+    """What to segment and where the result goes (``output`` None: a new segmentation node). With
+    ``guide_labels`` ((k, j, i) on the volume's grid) and ``guide_slices`` (their corrected K slices) the run is
+    guided: those slices keep their labels and guide the slices around them (after fine-tuning)."""
 
     volume: Any
     model: ModelChoice
@@ -70,6 +72,8 @@ class SegmentRequest:
     show3d: bool = True
     batch_size: int | None = None
     name: str = ""
+    guide_labels: Any = None
+    guide_slices: list[int] | None = None
 
 
 @dataclass
@@ -469,6 +473,12 @@ class SegmentJob(WorkerJob):
             raise SegmentInputError(f"the model '{req.model.label}' cannot be used: {req.model.problem}")
         if req.batch_size is not None and req.batch_size < 1:
             raise SegmentInputError("the batch size must be at least 1")
+        if (req.guide_labels is None) != (not req.guide_slices):
+            raise SegmentInputError("a guided run needs both the corrected labels and the list of corrected slices")
+        if req.guide_labels is not None:
+            dims = req.volume.GetImageData().GetDimensions()
+            if tuple(req.guide_labels.shape) != (dims[2], dims[1], dims[0]):
+                raise SegmentInputError("the corrected labels do not lie on the input volume's voxel grid")
 
     def _download_choice(self) -> ModelChoice | None:
         return self.request.model
@@ -480,6 +490,10 @@ class SegmentJob(WorkerJob):
                 *req.model.worker_args(), "--device", req.device]
         if req.batch_size:
             args += ["--batch-size", str(req.batch_size)]
+        if req.guide_labels is not None:
+            guide = scene_io.write_on_volume_grid(req.guide_labels, req.volume, folder / "corrected-labels.nrrd",
+                                                  "the corrected labels")
+            args += ["--guide-labels", str(guide), "--guide-slices", ",".join(str(k) for k in req.guide_slices)]
         return args
 
     def _started_message(self) -> str:
@@ -502,6 +516,8 @@ class SegmentJob(WorkerJob):
             output_path = self._tmp / output_path
         name = req.name or f"{req.volume.GetName()} H-SAM segmentation"
         attributes = {"Model": result.model or req.model.id, "Device": req.device}
+        if req.guide_slices:
+            attributes["GuidedBySlices"] = ",".join(str(k) for k in req.guide_slices)
         request = scene_io.ImportRequest(output_path, result.labels, req.volume, req.output, req.show3d, name,
                                          attributes)
         self.result_node, self.labels, self.label_set = scene_io.import_result(self.scene, request, self.undo,

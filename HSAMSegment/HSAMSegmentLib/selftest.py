@@ -247,6 +247,15 @@ def check_finetune_flow(case: Any, logic: Any, scene: Any, model: Any, timeout: 
         second = logic.segment(volume, listed[0], device="cpu", show3D=False, wait=True, timeout=timeout).result_node
         case.assertIsNot(second, first)
         case.assertEqual(segment_names(second), [c.name for c in prediction.label_set.classes])
+        _say(case, "Segmenting again, guided by the corrected slices")
+        third = logic.segment(volume, listed[0], device="cpu", show3D=False, wait=True, timeout=timeout,
+                              guideLabels=job.labels, guideSlices=job.request.slices).result_node
+        from .finetune import training_labels
+
+        guided = training_labels(third, volume)[0]
+        for k in slices:  # the corrected slices keep their labels exactly
+            case.assertTrue(np.array_equal(guided[k], corrected[k]), f"slice {k} changed")
+        case.assertEqual(third.GetAttribute("HSAM.GuidedBySlices"), ",".join(str(k) for k in slices))
     finally:
         if job.model_path is not None:
             job.model_path.unlink(missing_ok=True)

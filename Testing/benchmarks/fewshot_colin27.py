@@ -12,8 +12,9 @@ Protocol (``hsam.engine.fewshot``): the atlas labels of every n-th axial slice (
 extent are given, from its first slice on — n = 40, 20, 10, 5 ≈ 2.5 / 5 / 10 / 20 % of the 146 labelled
 slices; every other slice of the extent is segmented; Dice per structure over those slices, mean over the 7.
 Methods on the same given slices: H-SAM fast fine-tuning from the offline LiteMedSAM base then prompt-free
-segmentation (``hsam``), the same model guided by the given slices around each slice (``hsam-guided``), that
-guidance alone (``guidance``: blurred, distance-weighted labels of the given slices below and above), ITK
+segmentation (``hsam``), the same model guided by the given slices around each slice, their labels propagated
+onto it by 2D deformable registration (``hsam-guided``), that propagated prior alone (``propagation``), the prior
+without registration (``guidance``: blurred, distance-weighted labels of the given slices below and above), ITK
 morphological contour interpolation (Slicer's Fill between slices; PyPI itk-morphologicalcontourinterpolation)
 and nearest-given-slice copy. The embeddings of the extent are computed once (and cached on disk, so a rerun
 skips them) and shared by all levels.
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=2345)
     parser.add_argument("--validation", type=float, default=0.2, help="share of given slices held out (0: none)")
     parser.add_argument("--guidance", type=float, help="share of guided training batches (default: the fast mode's)")
-    parser.add_argument("--methods", default="hsam,hsam-guided,guidance,interpolation,nearest")
+    parser.add_argument("--methods", default="hsam,hsam-guided,propagation,guidance,interpolation,nearest")
     parser.add_argument("--data", help="folder with ch2.nii.gz, aal.nii.gz, aal.nii.txt")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--quick", action="store_true", help="a 24-slice window, every 6th slice, 6 steps")

@@ -509,3 +509,10 @@ def test_cpu_bf16_recipe_agrees_with_fp32_on_the_fixture():
     assert (fp32 == arrays["fused_labels"]).mean() >= 0.9999
     agreement = (bf16 == fp32).mean()
     assert agreement >= 0.995, f"bf16 recipe agrees on {agreement:.4%} of pixels"
+    dices = [2 * ((bf16 == c) & (fp32 == c)).sum() / ((bf16 == c).sum() + (fp32 == c).sum())
+             for c in range(1, 9) if (fp32 == c).any() or (bf16 == c).any()]
+    passes = agreement >= 0.995 and min(dices) >= 0.99
+    from hsam.engine import device as device_mod
+
+    assert device_mod.CPU_BF16_DECISION == passes, (f"the auto decision must follow the gate: agreement "
+                                                    f"{agreement:.4%}, min per-class Dice {min(dices):.4f}")

@@ -123,7 +123,22 @@ def main() -> int:
     parser.add_argument("--sam-checkpoint")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--guide-labels")
+    parser.add_argument("--guide-slices")
     args = parser.parse_args()
+    if os.environ.get("FAKE_ARGS_FILE"):
+        import json
+
+        image, guide = sitk.ReadImage(args.input), None
+        if args.guide_labels:
+            labels = sitk.ReadImage(args.guide_labels)
+            guide = {"same_grid": labels.GetSize() == image.GetSize() and
+                     np.allclose(labels.GetSpacing(), image.GetSpacing()) and
+                     np.allclose(labels.GetOrigin(), image.GetOrigin()) and
+                     np.allclose(labels.GetDirection(), image.GetDirection()),
+                     "nonzero": int((sitk.GetArrayFromImage(labels) > 0).sum())}
+        with open(os.environ["FAKE_ARGS_FILE"], "w", encoding="utf-8") as fh:
+            json.dump({"args": vars(args), "guide": guide}, fh)
     mode = os.environ.get("FAKE_WORKER_MODE", "ok")
     delay = float(os.environ.get("FAKE_DELAY", "0"))
 

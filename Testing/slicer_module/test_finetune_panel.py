@@ -18,7 +18,7 @@ from HSAMSegmentLib.finetune import FinetuneJob  # noqa: E402
 from HSAMSegmentLib.finetune_panel import FinetuneSection  # noqa: E402
 from HSAMSegmentLib.models import ModelChoice  # noqa: E402
 from HSAMSegmentLib.run import SegmentJob  # noqa: E402
-from test_finetune import add_segmentation, edit_segments, synapse_labels  # noqa: E402
+from test_module_finetune import add_segmentation, edit_segments, synapse_labels  # noqa: E402
 
 
 class Signal:
@@ -90,8 +90,8 @@ class FakeModuleWidget:
         if isinstance(job, FinetuneJob):
             self.section.onJobEvent(job, what)
 
-    def startSegment(self, outputSegmentation):
-        self.segments_started.append((self._parameterNode.modelId, outputSegmentation))
+    def startSegment(self, outputSegmentation, guide=(None, None)):
+        self.segments_started.append((self._parameterNode.modelId, outputSegmentation, guide))
 
 
 def test_finetune_section_flow(scene, tmp_path, monkeypatch):
@@ -138,7 +138,9 @@ def test_finetune_section_flow(scene, tmp_path, monkeypatch):
         time.sleep(0.02)
     assert gui.ui.validationLabel.text == "Validation Dice 0.700 after epoch 2/2 (best 0.700, epoch 2)"
     assert params.modelId == out.stem and params.baseModelId == "fake-model"
-    assert gui.segments_started == [(out.stem, None)]  # segmented again, into a new segmentation
+    (model_id, output, (guide_labels, guide_slices)), = gui.segments_started  # segmented again, once,
+    assert model_id == out.stem and output is None  # with the new model into a new segmentation,
+    assert guide_slices == [4, 5] and guide_labels.shape == (10, 16, 20)  # guided by the corrected slices
     assert "added to the model list and selected" in gui.status[-1][0]
     gui.updateButtons()
     assert gui.ui.revertModelButton.enabled

@@ -89,6 +89,17 @@ def _atomic_write(path: Path, suffix: str, write: Callable[[str], None], nbytes:
     return path
 
 
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write a small text file (a record, a summary) atomically and durably (fsync before the rename)."""
+    def write(temp: str) -> None:
+        with open(temp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    return _atomic_write(Path(path), "", write, len(text.encode("utf-8")))
+
+
 def _write_with_sitk(image: sitk.Image, compress: bool = True) -> Callable[[str], None]:
     def write(file_name: str) -> None:
         writer = sitk.ImageFileWriter()

@@ -5,11 +5,11 @@
 
 * CUDA: bfloat16 where the GPU supports it, else float16.
 * MPS: float32 (autocast on MPS needs torch >= 2.5 and has not been validated here).
-* CPU: float32, except on CPUs with native bfloat16 (AVX512-BF16, AMX, Arm BF16), where ``auto`` picks the
-  *CPU bf16 recipe*: the encoder's attention-output projection and MLP linears run in bfloat16 (weights stored
-  in bfloat16, float32 accumulation); qkv, the attention itself, norms, the neck and the decoder stay float32
-  (``hsam.engine.inference.bf16_encoder_linears``). ``precision="bf16"`` on the CPU always means this recipe,
-  never full autocast.
+* CPU: float32. On CPUs with native bfloat16 (AVX512-BF16, AMX, Arm BF16) ``precision="bf16"`` runs the
+  *CPU bf16 recipe* (never full autocast): the encoder's attention-output projection and MLP linears in bfloat16
+  (weights stored in bfloat16, float32 accumulation); qkv, the attention itself, norms, the neck and the decoder
+  stay float32 (``hsam.engine.inference.bf16_encoder_linears``). ``auto`` picked the recipe until the fast-path
+  gate gained its per-class Dice half (≥ 0.99 against float32), which the recipe fails (``CPU_BF16_DECISION``).
 
   Decided by measurement (``CPU_BF16_DECISION``): ViT-B/512, K = 9, the fixture image (2 slices) with the
   official-layout weights built as in ``Testing/core/test_official_equivalence.py``; AMD EPYC with
@@ -27,8 +27,9 @@
   everything (autocast)                             98.89 %            —
   ================================================  =================  ==================
 
-  The gate is ≥ 99.5 % agreement *and* a real speed-up: only the recipe passes (``Testing/core/test_engine.py``
-  re-checks the agreement). Its bench numbers (pipeline, 2 threads, quiet machine): 0.80 s/slice against
+  The first gate was ≥ 99.5 % agreement *and* a real speed-up: only the recipe passed. The gate is now also
+  per-class Dice ≥ 0.99 against float32 (issue 5), which the recipe fails (``Testing/core/test_engine.py`` re-checks
+  both and that ``CPU_BF16_DECISION`` follows them). Its bench numbers (pipeline, 2 threads, quiet machine): 0.80 s/slice against
   1.28 s/slice in float32 and 1.73 s/slice for the authors'-style loop. The fixture's weights are
   deterministic random tensors, so its logits are flat (median top-1/top-2 logit margin 0.18) and any
   bfloat16 rounding in q, k or v flips ~0.5 % of the pixels. Trained weights usually give larger margins
@@ -50,9 +51,10 @@ log = logging.getLogger("hsam")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-# The measured decision for "auto" on CPUs with native bfloat16 (see the module docstring): use the CPU bf16
-# recipe (99.62 % label agreement with float32 on the fixture, 1.6× faster encoder, 1.55× faster pipeline).
-CPU_BF16_DECISION = True
+# The measured decision for "auto" on CPUs with native bfloat16 (see the module docstring): float32. The CPU bf16
+# recipe is 1.6× faster and keeps 99.62–99.74 % of the float32 labels, but its smallest per-class Dice against
+# float32 is 0.964–0.988 (fixture, Colin27, Cranium), below the fast-path gate's 0.99; it stays ``--precision bf16``.
+CPU_BF16_DECISION = False
 
 
 class DeviceError(HSAMError):

@@ -8,10 +8,11 @@ Methods on the same given slices:
 
 ``hsam``          fast fine-tuning of the LiteMedSAM base (:func:`hsam.engine.finetune.finetune`), then the
                   prompt-free H-SAM on every other slice (the default whole-volume path);
-``hsam-guided``   the same fine-tuned model, its probabilities combined with the given slices around each
-                  segmented slice (:mod:`hsam.engine.guidance`);
-``guidance``      the guided mode's prior alone: arg-max of the blurred, distance-weighted labels of the given
-                  slices below and above (what the model is asked to improve on);
+``hsam-guided``   the same fine-tuned model, guided by the given slices around each segmented slice, their labels
+                  propagated onto it by registration (:mod:`hsam.engine.guidance`, :mod:`hsam.engine.propagation`);
+``propagation``   the guided mode's prior alone: arg-max of the registration-propagated, blurred,
+                  distance-weighted labels of the given slices below and above;
+``guidance``      the same without registration: the given slices' labels blended as they are;
 ``interpolation`` ITK morphological contour interpolation (Slicer's Fill between slices);
 ``nearest``       copy of the nearest given slice.
 """
@@ -33,7 +34,7 @@ from ..data.aal import AALGroups, colin27_paths, load_aal_groups
 log = logging.getLogger("hsam")
 
 EVERY_FOR_PERCENT = {2.5: 40, 5: 20, 10: 10, 20: 5}
-METHODS = ("hsam", "hsam-guided", "guidance", "interpolation", "nearest")
+METHODS = ("hsam", "hsam-guided", "propagation", "guidance", "interpolation", "nearest")
 
 
 @dataclass
@@ -143,6 +144,18 @@ def run_level(case: FewShotCase, every: int, methods: Sequence[str] = METHODS, *
         results["guidance"] = MethodResult("guidance", dice_table(pred, case.atlas, evaluated, case.labelset),
                                            time.perf_counter() - t)
         predictions["guidance"] = pred
+    guides = None
+    if "propagation" in methods or "hsam-guided" in methods:
+        base = base or base_model(case.labelset)
+        t = time.perf_counter()
+        guides = propagated_guides(case, given, evaluated, base.description)
+        propagation_seconds = time.perf_counter() - t
+    if "propagation" in methods:
+        t = time.perf_counter()
+        pred = guides_argmax(case, evaluated, guides, base.description)
+        results["propagation"] = MethodResult("propagation", dice_table(pred, case.atlas, evaluated, case.labelset),
+                                              propagation_seconds + time.perf_counter() - t)
+        predictions["propagation"] = pred
     if "interpolation" in methods:
         if contour_interpolation_available():
             t = time.perf_counter()
@@ -155,7 +168,9 @@ def run_level(case: FewShotCase, every: int, methods: Sequence[str] = METHODS, *
     if "hsam" in methods or "hsam-guided" in methods:
         ours = run_hsam(case, given, evaluated, base=base, settings=settings, embeddings=embeddings, dtype=dtype,
                         guided="hsam-guided" in methods, prompt_free="hsam" in methods, progress=progress,
-                        cancel=cancel, model_out=model_out)
+                        cancel=cancel, model_out=model_out, guides=guides)
+        if "hsam-guided" in ours:  # its time includes the propagation it shares with "propagation"
+            ours["hsam-guided"][1].seconds += propagation_seconds
         for key, (pred, result) in ours.items():
             results[key] = result
             predictions[key] = pred
@@ -164,7 +179,10 @@ def run_level(case: FewShotCase, every: int, methods: Sequence[str] = METHODS, *
 
 
 def guidance_only(case: FewShotCase, given: list[int], evaluated: list[int]) -> np.ndarray:
-    """Arg-max of the guidance (:func:`hsam.engine.guidance.neighbour_guidance`) on the k planes ``evaluated``."""
+    """Arg-max of the plain blended guidance (:func:`hsam.engine.guidance.neighbour_guidance`) on the k planes
+    ``evaluated``."""
+    import torch
+
     from .guidance import neighbour_guidance
 
     values = np.asarray(case.labelset.index_to_value_lut(), dtype=np.uint8)
@@ -172,9 +190,50 @@ def guidance_only(case: FewShotCase, given: list[int], evaluated: list[int]) -> 
     to_index[values] = np.arange(len(values), dtype=np.uint8)
     labels = {k: to_index[case.atlas[k]] for k in given}
     out = np.zeros_like(case.atlas)
-    for k in evaluated:
-        out[k] = values[neighbour_guidance(labels, k, case.labelset.num_classes).argmax(0).numpy()]
+    with torch.inference_mode():
+        for k in evaluated:
+            out[k] = values[neighbour_guidance(labels, k, case.labelset.num_classes).argmax(0).numpy()]
     return out
+
+
+def propagated_guides(case: FewShotCase, given: list[int], evaluated: list[int], description):
+    """The registration-propagated guidance (n, K, H, W) of the k planes ``evaluated``, in the model's orientation
+    (as the guided mode computes it; shared by "propagation" and "hsam-guided")."""
+    import torch
+
+    from ..data.orientation import reorientation_for
+    from .guidance import guidance_for
+
+    desc = description
+    reorient = reorientation_for(case.image, desc.orientation)
+    values = np.asarray(case.labelset.index_to_value_lut(), dtype=np.uint8)
+    to_index = np.zeros(256, dtype=np.uint8)
+    to_index[values] = np.arange(len(values), dtype=np.uint8)
+    atlas_model = reorient.to_model(to_index[case.atlas])
+    labels = {k: atlas_model[reorient.model_slice_index(k)] for k in given}
+    with torch.inference_mode():
+        return guidance_for(labels, evaluated, case.labelset.num_classes, extent_images(case, desc))
+
+
+def guides_argmax(case: FewShotCase, evaluated: list[int], guides, description) -> np.ndarray:
+    """Label volume (k, j, i) holding the arg-max of ``guides`` (model orientation) on the planes ``evaluated``."""
+    from ..data.orientation import reorientation_for
+
+    reorient = reorientation_for(case.image, description.orientation)
+    values = np.asarray(case.labelset.index_to_value_lut(), dtype=np.uint8)
+    stack = np.zeros(reorient.model_shape, dtype=np.uint8)
+    for k, guide in zip(evaluated, guides):
+        stack[reorient.model_slice_index(k)] = guide.argmax(0).numpy()
+    return values[reorient.to_input(stack)]
+
+
+def extent_images(case: FewShotCase, description) -> dict[int, np.ndarray]:
+    """{k: (H, W) normalised slice in the model's orientation} of every plane of the labelled extent (what
+    registration-propagated guidance registers)."""
+    from .finetune_data import slice_inputs
+
+    images = slice_inputs(case.image, description, case.extent)[0]
+    return dict(zip(case.extent, images))
 
 
 def base_model(labelset):
@@ -196,7 +255,7 @@ def extent_embeddings(case: FewShotCase, base, dtype=None, progress=None, cancel
 
 def run_hsam(case: FewShotCase, given: list[int], evaluated: list[int], *, base=None, settings=None, embeddings=None,
              dtype=None, guided: bool = True, prompt_free: bool = True, progress=None, cancel=None,
-             model_out: str | Path | None = None) -> dict:
+             model_out: str | Path | None = None, guides=None) -> dict:
     """Fine-tune on ``given`` and segment ``evaluated``; returns {method: (prediction (k, j, i), MethodResult)}."""
     import torch
 
@@ -250,7 +309,8 @@ def run_hsam(case: FewShotCase, given: list[int], evaluated: list[int], *, base=
         atlas_model = reorient.to_model(to_index[case.atlas])
         corrected = {k: atlas_model[reorient.model_slice_index(k)] for k in given}
         indices, info = guided_decode(result.loaded, corrected, evaluated, embeddings[positions], dtype=dtype,
-                                      cancel=cancel,
+                                      cancel=cancel, guides=guides,
+                                      images=None if guides is not None else extent_images(case, result.description),
                                       progress=(lambda d, n: progress(d, n, "segment guided")) if progress else None)
         pred = to_volume(indices)
         seconds = time.perf_counter() - t
@@ -264,6 +324,7 @@ def run_hsam(case: FewShotCase, given: list[int], evaluated: list[int], *, base=
 # ---------------------------------------------------------------------------------------------- reports
 
 METHOD_TITLES = {"hsam": "H-SAM fast fine-tune (prompt-free)", "hsam-guided": "H-SAM fast fine-tune + guidance",
+                 "propagation": "propagation alone (registered neighbour slices)",
                  "guidance": "guidance alone (blended neighbour slices)",
                  "interpolation": "contour interpolation (ITK, Fill between slices)", "nearest": "nearest given slice"}
 

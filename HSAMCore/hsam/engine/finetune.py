@@ -96,6 +96,7 @@ class FinetuneSettings:
     guidance_weight: float = 1.0      # guided stage-2 logits = model's + weight·log(guidance + ε) (train and test)
     guidance_self: float = 0.5        # share of guided samples whose guidance is their own labels, deformed
     guidance_gate: float | None = 0.6  # guided decision: keep the neighbours' class where they agree this much
+    propagation: bool = True          # guidance of training/validation slices propagated by registration
     precision: str = "auto"           # auto | fp32 | bf16 | fp16
     device: str = "auto"
     stage2_init: str = "stage1"       # a base's untrained stage 2: "stage1" (warm start) | "random"
@@ -290,23 +291,22 @@ class _Loop:
 
     # ---- guidance of training slices (leave-one-out among training slices) and validation slices
     def _prepare_guides(self) -> None:
-        import torch
-
-        from .guidance import neighbour_guidance, to_grid
+        from .guidance import guidance_for, to_grid
 
         k = self.data.k_indices
         train_labels = {k[p]: self.data.targets[p] for p in self.train_pos}
+        images = dict(zip(k, self.data.images)) if self.s.propagation else None  # registration needs every slice
         grid = self._grid()
         if len(train_labels) >= 2:
             from .inference import resize_images
 
-            full = torch.stack([neighbour_guidance(train_labels, k[p], self.num_classes) for p in self.train_pos])
+            full = guidance_for(train_labels, [k[p] for p in self.train_pos], self.num_classes, images, self.cancel)
             size = self.model.image_size
             self.train_guides = dict(zip(self.train_pos, to_grid(full, grid).reshape(len(full), -1, grid, grid)))
             self.train_guides_full = dict(zip(self.train_pos, resize_images(full, (size, size))))
         if self.val_pos and train_labels:
-            self.val_guides = torch.stack([neighbour_guidance(train_labels, k[p], self.num_classes)
-                                           for p in self.val_pos])
+            self.val_guides = guidance_for(train_labels, [k[p] for p in self.val_pos], self.num_classes, images,
+                                           self.cancel)
 
     def _perturbed_self_guides(self, batch, guide, guide_full):
         """Replace, with probability ``guidance_self``, a sample's guidance by its own labels under a random smooth
@@ -581,6 +581,7 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
     entry = _lineage_entry(now, settings, base, base_hash, image, image_name, data, train_pos, val_pos, labelset,
                            reused, device, dtype, history, best_epoch, stopped_early, validation, started)
     entry["guidance"] = {"trained": guided, "probability": settings.guidance, "mix": settings.guidance_mix,
+                         "propagation": "registration" if settings.propagation else "blend",
                          "decision_weight": decision_weight, "gate": settings.guidance_gate,
                          "validation_mean_by_weight": guided_by_weight or None,
                          "validation_dice": _rounded(validation_guided)}

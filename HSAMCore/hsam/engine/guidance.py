@@ -57,21 +57,27 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return y[:, 0]
 
 
-def neighbour_guidance(labels: dict[int, np.ndarray], k: int, num_classes: int, exclude: Sequence[int] = (),
-                       sigma_per_slice: float = 0.0, min_sigma: float = GUIDE_SIGMA) -> torch.Tensor:
-    """G (K, H, W) for slice ``k`` from the labelled slices ``labels`` {slice: (H, W) class indices}, except
-    ``exclude`` (and ``k`` itself): the nearest labelled slice below and above, one-hot, blurred with
-    σ = max(min_sigma, sigma_per_slice·distance) pixels, blended with weights ∝ 1/distance."""
-    candidates = sorted(s for s in labels if s != k and s not in set(exclude))
+def nearest_labelled(labels: dict[int, np.ndarray], k: int, exclude: Sequence[int] = ()) -> list[tuple[int, float]]:
+    """[(slice, weight)] of the nearest labelled slice below and above ``k`` (not ``k`` itself nor ``exclude``),
+    weights ∝ 1/distance summing to 1."""
+    skip = set(int(e) for e in exclude) | {int(k)}
+    candidates = sorted(s for s in labels if s not in skip)
     if not candidates:
         raise ValueError("guidance needs at least one other labelled slice")
     below = [s for s in candidates if s < k]
     above = [s for s in candidates if s > k]
     chosen = ([below[-1]] if below else []) + ([above[0]] if above else [])
     weights = np.array([1.0 / abs(s - k) for s in chosen])
-    weights /= weights.sum()
+    return list(zip(chosen, (weights / weights.sum()).tolist()))
+
+
+def neighbour_guidance(labels: dict[int, np.ndarray], k: int, num_classes: int, exclude: Sequence[int] = (),
+                       sigma_per_slice: float = 0.0, min_sigma: float = GUIDE_SIGMA) -> torch.Tensor:
+    """G (K, H, W) for slice ``k`` from the labelled slices ``labels`` {slice: (H, W) class indices}, except
+    ``exclude`` (and ``k`` itself): the nearest labelled slice below and above, one-hot, blurred with
+    σ = max(min_sigma, sigma_per_slice·distance) pixels, blended with weights ∝ 1/distance."""
     out = None
-    for s, w in zip(chosen, weights):
+    for s, w in nearest_labelled(labels, k, exclude):
         onehot = F.one_hot(torch.from_numpy(np.asarray(labels[s], dtype=np.int64)), num_classes)
         blurred = _gaussian_blur(onehot.permute(2, 0, 1).float(), max(min_sigma, sigma_per_slice * abs(s - k)))
         out = w * blurred if out is None else out + w * blurred
@@ -169,14 +175,41 @@ def within_reach(corrected: Sequence[int], targets: Sequence[int]) -> list[bool]
     return [min(abs(int(t) - k) for k in ks) <= reach for t in targets]
 
 
+def guidance_for(corrected: dict[int, np.ndarray], targets: Sequence[int], num_classes: int,
+                 images: dict[int, np.ndarray] | None = None, cancel=None) -> torch.Tensor:
+    """G (n, K, H, W) of the slices ``targets``: registration-propagated (:mod:`hsam.engine.propagation`) when the
+    slices' ``images`` {slice: (H, W) in [0, 1]} are given, else the plain blend of the neighbours."""
+    from .inference import is_cancelled
+
+    guides = []
+    for k in targets:
+        if is_cancelled(cancel):
+            from ..errors import CancelledError
+
+            raise CancelledError("cancelled while propagating the corrected slices")
+        if images is not None:
+            from .propagation import registered_guidance
+
+            guides.append(registered_guidance(images, corrected, int(k), num_classes))
+        else:
+            guides.append(neighbour_guidance(corrected, int(k), num_classes))
+    return torch.stack(guides)
+
+
 def guided_decode(loaded, corrected: dict[int, np.ndarray], targets: Sequence[int], embeddings: torch.Tensor,
-                  dtype=None, cancel=None, device="cpu", progress=None) -> tuple[np.ndarray, dict]:
+                  dtype=None, cancel=None, device="cpu", progress=None,
+                  images: dict[int, np.ndarray] | None = None,
+                  guides: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
     """Segment the slices ``targets`` (embeddings in the same order) with a fine-tuned model guided by
-    ``corrected`` {slice: (H, W) class indices in model orientation} (slice numbers on one axis, e.g. k).
+    ``corrected`` {slice: (H, W) class indices in model orientation} (slice numbers on one axis, e.g. k); with
+    ``images`` {slice: (H, W) normalised image, for the corrected and target slices} the guidance is propagated by
+    registration; ``guides`` (n, K, H, W): the guidance, already computed (:func:`guidance_for`).
     Returns class indices (n, H, W) and what was used."""
     info = guidance_info(loaded.description)
     first = next(iter(corrected.values()))
-    guides = torch.stack([neighbour_guidance(corrected, int(k), loaded.description.num_classes) for k in targets])
+    if guides is None:
+        info["propagation"] = "registration" if images is not None else "blend"
+        guides = guidance_for(corrected, targets, loaded.description.num_classes, images, cancel)
     preds = predict_guided(loaded.model, embeddings, guides, tuple(first.shape), info["mix"],
                            (info["decision_weight"],), device=device, dtype=dtype, cancel=cancel, gate=info["gate"],
                            progress=progress)
@@ -184,11 +217,12 @@ def guided_decode(loaded, corrected: dict[int, np.ndarray], targets: Sequence[in
 
 
 def segment_guided(image, labels, slices, loaded, *, device: str = "auto", precision: str = "auto",
-                   cache: bool = True, progress=None, cancel=None):
+                   cache: bool = True, progress=None, cancel=None, propagate: bool = True):
     """Segment a volume guided by its corrected slices: the k planes ``slices`` of ``labels`` (a ``(k, j, i)``
     array or label image on ``image``'s grid) keep their labels; the planes within reach of them
-    (:func:`within_reach`) are segmented guided; the others prompt-free. ``progress(done, total, stage)``
-    reports "embed" then "segment". Returns a SimpleITK uint8 label image on ``image``'s grid."""
+    (:func:`within_reach`) are segmented guided (``propagate``: with registration-propagated guidance); the others
+    prompt-free. ``progress(done, total, stage)`` reports "embed" then "segment". Returns a SimpleITK uint8 label
+    image on ``image``'s grid."""
     from ..data.orientation import labels_to_image, reorientation_for
     from .device import resolve_device
     from .finetune import autocast_dtype, decode_embeddings, embed_slices
@@ -225,8 +259,13 @@ def segment_guided(image, labels, slices, loaded, *, device: str = "auto", preci
             progress(done + d, len(targets), "segment")
 
     if guided:
+        from .finetune_data import slice_inputs
+
+        needed = sorted(set(data.k_indices) | {targets[i] for i in guided})
+        normalised = slice_inputs(image, desc, needed, reorient)[0] if propagate else None
+        images = dict(zip(needed, normalised)) if propagate else None
         idx, _ = guided_decode(loaded, corrected, [targets[i] for i in guided], embeddings[guided], dtype=dtype,
-                               cancel=cancel, device=dev, progress=step)
+                               cancel=cancel, device=dev, progress=step, images=images)
         for i, sl in zip(guided, idx):
             out[reorient.model_slice_index(targets[i])] = sl
         done = len(guided)

@@ -8,7 +8,15 @@ written into one preallocated output. Logits of more than one batch never exist 
 
 The caller's model is not modified: the segmenter runs its own copy with LoRA merged into the qkv weights,
 SAM's ViT attention replaced by ``hsam.model.fast_attention`` (same function, fused kernels) and, for
-``precision="bf16"`` on the CPU, the encoder's proj and MLP linears in bfloat16 (see ``hsam.engine.device``).
+``precision="bf16"`` on the CPU, the encoder's proj and MLP linears in bfloat16 (see ``hsam.engine.device``);
+for ``precision="int8"`` (CPU only, opt-in) every encoder linear int8 with dynamic quantisation
+(``int8_encoder_linears``; faster than the bf16 recipe but it fails the fast-path accuracy gate, so it is never
+chosen automatically: BENCHMARKS.md "int8").
+
+``segment(slices, skip=mask)`` leaves the slices where ``mask`` is True out of the model entirely and labels
+them 0 (background); the pipeline uses it for air-only slices (``hsam.engine.air``). A ``StageTimer`` set as
+``segmenter.timer`` accumulates per-stage wall time (preprocess, encoder, decoders, postprocess) with a device
+synchronisation at each stage boundary (for ``hsam bench``; it stalls GPU pipelining, so it is off by default).
 
 GPU out-of-memory: the batch is halved (logged: "CUDA out of memory at batch 8; retrying at batch 4") down to
 1; if one slice does not fit either, the rest of the run continues on the CPU (logged). ``cancel`` is looked
@@ -22,6 +30,7 @@ import logging
 from contextlib import nullcontext
 import threading
 import time
+import warnings
 from typing import Callable, Union
 
 import numpy as np
@@ -30,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CancelledError, InputVolumeError
-from .device import choose_precision, resolve_device
+from .device import DeviceError, choose_precision, resolve_device
 
 log = logging.getLogger("hsam")
 
@@ -105,10 +114,29 @@ def bf16_encoder_linears(encoder: nn.Module, names: tuple[str, ...] = ("attn.pro
     return count
 
 
+def int8_encoder_linears(encoder: nn.Module) -> int:
+    """Dynamic int8 quantisation of every ``nn.Linear`` of ``encoder`` (in place, CPU): int8 weights per output
+    channel, activations quantised per call (``torch.ao.quantization.quantize_dynamic``, in torch since 1.x and
+    still in 2.14, deprecated there in favour of torchao). Returns how many linears were replaced; raises
+    ``DeviceError`` where this torch lacks the API or a quantised engine."""
+    quantization = getattr(getattr(torch, "ao", None), "quantization", None)
+    engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
+    if quantization is None or not hasattr(quantization, "quantize_dynamic") or not engines:
+        raise DeviceError(f"precision int8 needs torch.ao.quantization.quantize_dynamic and a quantised CPU engine, "
+                          f"which torch {torch.__version__} here lacks; use fp32 or bf16")
+    spec = {name: quantization.per_channel_dynamic_qconfig for name, module in encoder.named_modules()
+            if isinstance(module, nn.Linear)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notices of torch.ao.quantization (torch >= 2.9)
+        quantization.quantize_dynamic(encoder, spec, dtype=torch.qint8, inplace=True)
+    return len(spec)
+
+
 def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
-                  fast_attention: bool = True) -> nn.Module:
+                  fast_attention: bool = True, int8: bool = False) -> nn.Module:
     """An inference copy of ``model`` on ``device``: eval mode, no gradients, LoRA merged, fast attention,
-    CPU bfloat16 recipe when ``dtype`` is bfloat16 on the CPU. The argument itself is left untouched."""
+    CPU bfloat16 recipe when ``dtype`` is bfloat16 on the CPU, int8 encoder linears with ``int8`` (CPU only).
+    The argument itself is left untouched."""
     from ..model.fast_attention import use_fast_attention
     from ..model.lora import merge_lora
 
@@ -121,9 +149,43 @@ def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | N
     cast = 0
     if device.type == "cpu" and dtype == torch.bfloat16 and encoder is not None:
         cast = bf16_encoder_linears(encoder)
-    log.debug("inference model: %d LoRA adapters merged, %d attention modules on SDPA, %d bf16 linears",
-              merged, swapped, cast)
+    quantized = int8_encoder_linears(encoder) if int8 and encoder is not None else 0
+    log.debug("inference model: %d LoRA adapters merged, %d attention modules on SDPA, %d bf16 linears, "
+              "%d int8 linears", merged, swapped, cast, quantized)
     return work
+
+
+class StageTimer:
+    """Wall seconds per stage of ``SliceSegmenter`` batches: ``preprocess`` (array → resized 3-channel tensor on
+    the device), ``encoder``, ``decoders`` (both stages and the fused logits), ``postprocess`` (logits back to
+    H×W, argmax, labels to the CPU). Each lap synchronises the device, so the stages add up to the batch time."""
+
+    STAGES = ("preprocess", "encoder", "decoders", "postprocess")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {name: 0.0 for name in self.STAGES}
+        self._device: torch.device | None = None
+        self._last = 0.0
+
+    def start(self, device: torch.device) -> None:
+        self._device = device
+        _synchronize(device)
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        _synchronize(self._device)
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
+def _synchronize(device: "torch.device | None") -> None:
+    if device is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -171,7 +233,8 @@ class SliceSegmenter:
 
     ``device``: ``auto``/``cpu``/``cuda``/``cuda:N``/``mps`` or a ``torch.device``. ``batch_size``: ``None``
     picks one (CPU: ``CPU_BATCH_SIZE``; CUDA: from free memory). ``precision``: ``auto``/``fp32``/``bf16``/
-    ``fp16`` (see ``hsam.engine.device.choose_precision``). ``authors_roundtrip``: e.g. 224 to reproduce the
+    ``fp16`` (see ``hsam.engine.device.choose_precision``), or ``int8`` (CPU only, opt-in: the encoder's linears
+    int8, the rest fp32; see ``int8_encoder_linears``). ``authors_roundtrip``: e.g. 224 to reproduce the
     authors' tester's H×W → 224 → S bicubic input path (for comparing with published numbers only).
     """
 
@@ -196,14 +259,20 @@ class SliceSegmenter:
         self.precision = precision
         self.fast_attention = fast_attention
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.dtype = choose_precision(self.device, precision)
-        self.model = prepare_model(model, self.device, self.dtype, fast_attention)
+        self.int8 = precision == "int8"
+        if self.int8 and self.device.type != "cpu":
+            raise DeviceError(f"precision int8 runs on the CPU only, not on {self.device}; use --device cpu, or "
+                              "auto/bf16/fp16 on a GPU")
+        self.dtype = None if self.int8 else choose_precision(self.device, precision)
+        self.model = prepare_model(model, self.device, self.dtype, fast_attention, int8=self.int8)
         if self.device.type == "cpu" and self.dtype is not None and \
                 not any(isinstance(m, BF16Linear) for m in self.model.modules()):
             log.info("the CPU bf16 recipe does not apply to this encoder (no SAM ViT blocks): running fp32")
             self.dtype = None
         self.batch_size = int(batch_size) if batch_size is not None else self.auto_batch_size()
+        self.timer: StageTimer | None = None
         log.info("segmenter: %s, %s, batch %d%s", self.device,
+                 "int8 encoder linears" if self.int8 else
                  "fp32" if self.dtype is None else str(self.dtype).replace("torch.", ""), self.batch_size,
                  f", authors' {self.authors_roundtrip}-px round trip" if self.authors_roundtrip else "")
 
@@ -247,37 +316,52 @@ class SliceSegmenter:
         self.batch_size = CPU_BATCH_SIZE
 
     # -- running ------------------------------------------------------------------------------------------
-    def segment(self, slices: np.ndarray, progress: Progress | None = None, cancel: Cancel = None) -> np.ndarray:
-        """slices (n, H, W) float in [0, 1] → labels (n, H, W) uint8 in 0..K−1."""
+    def segment(self, slices: np.ndarray, progress: Progress | None = None, cancel: Cancel = None,
+                skip: np.ndarray | None = None) -> np.ndarray:
+        """slices (n, H, W) float in [0, 1] → labels (n, H, W) uint8 in 0..K−1.
+
+        ``skip``: optional (n,) booleans; those slices are not run through the model and get label 0.
+        ``progress(done, total)`` counts the slices run through the model (``total`` = n − skipped)."""
         slices = np.asarray(slices)
         if slices.ndim != 3:
             raise InputVolumeError(f"expected slices shaped (n, H, W), got an array of shape {slices.shape}")
         if not np.issubdtype(slices.dtype, np.floating):
             raise InputVolumeError(f"expected intensity-normalised float slices, got dtype {slices.dtype}")
         n, h, w = slices.shape
-        out = np.empty((n, h, w), dtype=np.uint8)
+        if skip is None:
+            todo = np.arange(n)
+            out = np.empty((n, h, w), dtype=np.uint8)
+        else:
+            skip = np.asarray(skip, dtype=bool)
+            if skip.shape != (n,):
+                raise ValueError(f"skip must be {n} booleans (one per slice), got shape {skip.shape}")
+            todo = np.flatnonzero(~skip)
+            out = np.zeros((n, h, w), dtype=np.uint8)
+        total = len(todo)
         start, batch = 0, self.batch_size
         started = time.perf_counter()
-        while start < n:
+        while start < total:
             if is_cancelled(cancel):
-                raise CancelledError(f"segmentation cancelled after {start} of {n} slices; nothing was returned")
-            stop = min(start + batch, n)
+                raise CancelledError(f"segmentation cancelled after {start} of {total} slices; nothing was returned")
+            stop = min(start + batch, total)
+            first, last = int(todo[start]), int(todo[stop - 1])
+            where = slice(first, last + 1) if last - first == stop - start - 1 else todo[start:stop]
             labels = None
             try:
-                labels = self._forward_batch(slices[start:stop])
+                labels = self._forward_batch(slices[where])
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
                 if not _is_out_of_memory(exc) or self.device.type == "cpu":
                     raise
             if labels is None:  # out of memory; handled outside the except block so its tensors are freed
                 batch = self._recover_from_oom(stop - start)  # halve what was tried (maybe a short last batch)
                 continue
-            out[start:stop] = labels
+            out[where] = labels
             start = stop
             if progress is not None:
-                progress(start, n)
+                progress(start, total)
         self.batch_size = batch
-        if n:
-            log.debug("segmented %d slices in %.1f s", n, time.perf_counter() - started)
+        if total:
+            log.debug("segmented %d slices in %.1f s", total, time.perf_counter() - started)
         return out
 
     def _recover_from_oom(self, batch: int) -> int:
@@ -299,6 +383,9 @@ class SliceSegmenter:
         """(b, H, W) float slices → (b, H, W) uint8 labels (one batch, on ``self.device``)."""
         h, w = batch.shape[-2:]
         size = (self.image_size, self.image_size)
+        timer = self.timer
+        if timer is not None:
+            timer.start(self.device)
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
             if not bool(torch.isfinite(x).all()):
@@ -309,17 +396,28 @@ class SliceSegmenter:
             else:
                 x = resize_images(x, size)
             x = x.expand(-1, 3, -1, -1).contiguous()
+            if timer is not None:
+                timer.lap("preprocess")
             logits = self._logits(x)
             logits = resize_images(logits.float(), (h, w))
-            labels = logits.argmax(dim=1).to(torch.uint8)
-            return labels.cpu().numpy()
+            labels = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            if timer is not None:
+                timer.lap("postprocess")
+            return labels
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         """(b, 3, S, S) → fused logits (b, K, S, S), under autocast where a GPU precision is set."""
         autocast = self.dtype is not None and self.device.type != "cpu"  # the CPU recipe is in the weights
         context = torch.autocast(device_type=self.device.type, dtype=self.dtype) if autocast else nullcontext()
+        timer = self.timer
         with context:
-            return self.model.fused_logits(self.model.decode(self.model.encode(images)))
+            embeddings = self.model.encode(images)
+            if timer is not None:
+                timer.lap("encoder")
+            logits = self.model.fused_logits(self.model.decode(embeddings))
+            if timer is not None:
+                timer.lap("decoders")
+            return logits
 
 
 def segment_slices(model: nn.Module, slices: np.ndarray, num_classes: int, image_size: int, **kwargs) -> np.ndarray:
@@ -330,5 +428,6 @@ def segment_slices(model: nn.Module, slices: np.ndarray, num_classes: int, image
     return SliceSegmenter(model, num_classes, image_size, **kwargs).segment(slices, progress, cancel)
 
 
-__all__ = ["SliceSegmenter", "prepare_model", "bf16_encoder_linears", "BF16Linear", "BF16MLP", "resize_images",
+__all__ = ["SliceSegmenter", "StageTimer", "prepare_model", "bf16_encoder_linears", "int8_encoder_linears",
+           "BF16Linear", "BF16MLP", "resize_images",
            "authors_resize", "segment_slices"]

@@ -13,6 +13,7 @@ labels, stage 2 at full resolution; the total is ``(1 − w)·L₁ + w·L₂`` w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +28,13 @@ def stage2_weight(epoch: float) -> float:
     return 0.6 ** (0.99 ** float(epoch))
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH,
+                   reduce_sums: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """logits (B, K, H, W), target (B, H, W) integer class indices → scalar ``mean_c (1 − dice_c)``.
 
     Sums run over the batch and all pixels; all K classes count, background included; the denominator
-    uses squared probabilities and squared (one-hot) targets.
+    uses squared probabilities and squared (one-hot) targets. ``reduce_sums`` (distributed training) maps the
+    local per-class sums (2, K) to the sums over the whole global batch (an all-reduce).
     """
     num_classes = logits.shape[1]
     probs = torch.softmax(logits.float(), dim=1)
@@ -39,14 +42,17 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = D
     dims = (0, 2, 3)
     intersect = (probs * onehot).sum(dims)
     denominator = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
+    if reduce_sums is not None:
+        intersect, denominator = reduce_sums(torch.stack([intersect, denominator]))
     dice = (2 * intersect + smooth) / (denominator + smooth)
     return (1 - dice).mean()
 
 
-def stage_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def stage_loss(logits: torch.Tensor, target: torch.Tensor,
+               reduce_sums: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """``0.1·CE + 0.9·soft Dice`` of one stage; ``target`` at the logits' resolution."""
     ce = F.cross_entropy(logits.float(), target.long())
-    return CE_WEIGHT * ce + DICE_WEIGHT * soft_dice_loss(logits, target)
+    return CE_WEIGHT * ce + DICE_WEIGHT * soft_dice_loss(logits, target, reduce_sums=reduce_sums)
 
 
 def downsample_labels(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -68,15 +74,15 @@ class HSAMLoss:
 
 
 def hsam_loss(stage1_logits: torch.Tensor, stage2_logits: torch.Tensor, target: torch.Tensor,
-              epoch: float) -> HSAMLoss:
+              epoch: float, reduce_sums: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> HSAMLoss:
     """Both stages' loss mixed by :func:`stage2_weight`.
 
     stage1_logits (B, K, h, w) (e.g. 4g × 4g), stage2_logits (B, K, H, W), target (B, H, W) class indices at
-    stage 2's resolution.
+    stage 2's resolution. ``reduce_sums``: see :func:`soft_dice_loss`.
     """
     if tuple(stage2_logits.shape[-2:]) != tuple(target.shape[-2:]):
         raise ValueError(f"stage-2 logits {tuple(stage2_logits.shape)} and labels {tuple(target.shape)} differ in size")
     w = stage2_weight(epoch)
-    l1 = stage_loss(stage1_logits, downsample_labels(target, tuple(stage1_logits.shape[-2:])))
-    l2 = stage_loss(stage2_logits, target)
+    l1 = stage_loss(stage1_logits, downsample_labels(target, tuple(stage1_logits.shape[-2:])), reduce_sums)
+    l2 = stage_loss(stage2_logits, target, reduce_sums)
     return HSAMLoss(total=(1 - w) * l1 + w * l2, stage1=l1.detach(), stage2=l2.detach(), weight=w)

@@ -180,6 +180,23 @@ def test_logic_finetune_runs_the_worker_with_the_corrected_slices(scene, tmp_pat
     assert os.listdir(tempfile.gettempdir()) == []
 
 
+def test_guided_segment_run_sends_the_corrected_labels_on_the_volume_grid(scene, tmp_path, fake_model):
+    import HSAMSegment
+
+    volume = make_volume(scene, DIMS, ijk_to_ras=oblique_matrix())
+    logic = HSAMSegment.HSAMSegmentLogic(launcher=fake_launcher("ok", FAKE_ARGS_FILE=tmp_path / "args.json"))
+    labels = synapse_labels()
+    job = logic.segment(volume, fake_model, guideLabels=labels, guideSlices=[3, 4], wait=True, timeout=60)
+    sent = json.loads((tmp_path / "args.json").read_text())
+    assert sent["args"]["guide_slices"] == "3,4"
+    assert sent["guide"] == {"same_grid": True, "nonzero": int((labels > 0).sum())}
+    assert job.result_node.GetAttribute("HSAM.GuidedBySlices") == "3,4"
+    with pytest.raises(SegmentInputError, match="needs both"):
+        logic.segment(volume, fake_model, guideLabels=labels)
+    with pytest.raises(SegmentInputError, match="voxel grid"):
+        logic.segment(volume, fake_model, guideLabels=labels[:, :-1], guideSlices=[3])
+
+
 def test_finetune_progress_counts_slices_then_epochs(scene, tmp_path):
     import HSAMSegment
 
