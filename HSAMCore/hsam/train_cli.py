@@ -91,8 +91,16 @@ def _labelset_for(args):
     if not (_is_sam_base(args.base) or base_needs_labels(args.base)):
         return None, []
     values: set[int] = set()
-    for pair in find_pairs(args.data):
-        values.update(np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(pair.label))).astype(int).tolist())
+    from .engine.train_npz import npz_cases, npz_folder, read_npz_slice
+
+    folder = npz_folder(args.data)
+    if folder is not None:
+        for files in npz_cases(folder).values():
+            for path in files:
+                values.update(np.unique(read_npz_slice(path)[1]).tolist())
+    else:
+        for pair in find_pairs(args.data):
+            values.update(np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(pair.label))).astype(int).tolist())
     labelset = labelset_from_values(sorted(values), "labels")
     return labelset, [f"no label table given: the classes are named {', '.join(c.name for c in labelset.classes)}; "
                       "give --labels TABLE to name them"]

@@ -204,3 +204,49 @@ def test_sam_base_starts_from_sam_and_trains(dataset_dir, tiny_model_file, tmp_p
 
     with pytest.raises(ModelFileError):  # our own layout is not SAM's
         build_sam_base(own, SYNAPSE_ORGANS)
+
+
+# ---------------------------------------------------------------------------------------------- TransUNet layout
+
+def _write_npz_slices(folder: Path, cases=("case0005", "case0006"), n=4, size=32) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for case in cases:
+        for k in range(n):
+            image = rng.random((size, size)).astype(np.float32)
+            label = np.zeros((size, size), np.uint8)
+            label[4:12, 4 + k:12 + k] = 1  # spleen
+            label[16:28, 16:28] = 6  # stomach
+            np.savez(folder / f"{case}_slice{k:03d}.npz", image=image, label=label)
+
+
+def test_transunet_npz_slices_train(tiny_model_file, tmp_path):
+    """TransUNet's ``train_npz`` (what SAMed/H-SAM train on): slices used as they are, selected by the same protocol,
+    Synapse label values mapped to class indices; the model trains from them; bad files are refused safely."""
+    from hsam.engine.train_npz import npz_folder
+
+    data = tmp_path / "Synapse"
+    _write_npz_slices(data / "train_npz")
+    assert npz_folder(data) == data / "train_npz" and npz_folder(tmp_path) is None
+    base = load_model_file(tiny_model_file)
+    labelset = base.description.labels
+    dataset = tr.open_dataset(data, base.description, labelset, 0.5, 2345)
+    assert dataset.depths == [4, 4] and len(dataset) == 4
+    assert dataset.entries == tr.select_slices([4, 4], 0.5, 2345)
+    size = base.description.image_size
+    assert tuple(dataset.images.shape) == (4, size, size) and tuple(dataset.targets.shape) == (4, size, size)
+    index = {v: i for i, v in enumerate(labelset.index_to_value_lut())}
+    assert set(torch.unique(dataset.targets).tolist()) == {0, index[1], index[6]}
+    record = dataset.record()
+    assert record["total_slices"] == 8 and record["selected_slices"] == 4 and not dataset.warnings
+    result = tr.train(data, base, out=tmp_path / "npz.safetensors", steps=2, **COMMON)
+    assert result.path.is_file()
+
+    bad = tmp_path / "bad"
+    _write_npz_slices(bad, cases=("case0001",), n=1)
+    np.savez(bad / "case0001_slice001.npz", image=np.array([object()], dtype=object), label=np.zeros(2))
+    with pytest.raises(Exception, match="cannot be read safely|image .* and label"):
+        tr.open_dataset(bad, base.description, labelset, 1.0, 0)
+    (bad / "notes.npz").write_bytes(b"x")
+    with pytest.raises(tr.TrainError, match="not named like TransUNet"):
+        tr.open_dataset(bad, base.description, labelset, 1.0, 0)

@@ -1,7 +1,7 @@
 """Train an H-SAM on a dataset of labelled volumes (2D slices), on one process or many (torchrun).
 
 Data: pairs of image / label-map volumes (:func:`find_pairs`: a folder with matching names, or a CSV
-``image,label``). Slices are k planes (the image's third voxel axis) brought into the model's space exactly as
+``image,label``), or TransUNet's Synapse ``train_npz`` slices (:mod:`hsam.engine.train_npz`). Slices are k planes (the image's third voxel axis) brought into the model's space exactly as
 inference does (:func:`hsam.engine.finetune_data.slice_inputs`: slice orientation, intensity normalisation;
 bilinear resize to the model's square input) with their labels (class indices, nearest neighbour). H-SAM's
 "10 % of slices" protocol (:func:`select_slices`): ``round(fraction · all slices)`` slices drawn without
@@ -324,6 +324,19 @@ class SliceDataset:
         digest.update(self.targets.numpy().tobytes())
         return digest.hexdigest()
 
+    @classmethod
+    def from_npz(cls, folder: Path, description, labelset, fraction: float = 0.1, seed: int = 2345) -> "SliceDataset":
+        """The selected slices of a TransUNet ``train_npz`` folder (:mod:`hsam.engine.train_npz`)."""
+        from .train_npz import load_npz_dataset
+
+        dataset = cls.__new__(cls)
+        dataset.fraction, dataset.seed = float(fraction), int(seed)
+        dataset.labelset = labelset
+        dataset.image_size = int(description.image_size)
+        dataset.warnings = []
+        load_npz_dataset(dataset, Path(folder), description, labelset)
+        return dataset
+
     def record(self) -> dict:
         """The dataset as the model's lineage records it."""
         volumes = []
@@ -333,6 +346,19 @@ class SliceDataset:
         return {"volumes": volumes, "total_slices": int(sum(self.depths)), "selected_slices": len(self.entries),
                 "fraction": self.fraction, "selection_seed": self.seed, "axis": "k",
                 "labels": self.labelset.name, "sha256": self.sha256()}
+
+
+def open_dataset(data, description, labelset, fraction: float, seed: int) -> SliceDataset:
+    """The training slices of ``data``: a TransUNet ``train_npz`` folder, a folder or CSV of volume pairs
+    (:func:`find_pairs`), or a list of :class:`VolumePair`."""
+    from .train_npz import npz_folder
+
+    if isinstance(data, (list, tuple)):
+        return SliceDataset(list(data), description, labelset, fraction, seed)
+    folder = npz_folder(data)
+    if folder is not None:
+        return SliceDataset.from_npz(folder, description, labelset, fraction, seed)
+    return SliceDataset(find_pairs(data), description, labelset, fraction, seed)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -659,8 +685,8 @@ def train(data: str | Path | Sequence[VolumePair], base, *, out: str | Path | No
         if settings.global_batch % ctx.world:
             raise TrainError(f"the global batch {settings.global_batch} does not divide by the {ctx.world} "
                              f"processes: choose a global batch that is a multiple of {ctx.world}")
-        pairs = list(data) if isinstance(data, (list, tuple)) else find_pairs(data)
-        dataset = SliceDataset(pairs, description0, labelset, settings.fraction, settings.seed)
+        dataset = open_dataset(data, description0, labelset, settings.fraction, settings.seed)
+        pairs = dataset.pairs
         if ctx.rank == 0:
             for text in dataset.warnings:
                 log.warning(text)
