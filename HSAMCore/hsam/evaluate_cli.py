@@ -519,7 +519,7 @@ def run_evaluate(args) -> int:
         results, missing = evaluate_synapse(Path(args.synapse).expanduser(), pred_path, classes,
                                             Path(args.raw_dir).expanduser() if args.raw_dir else None, spacing, log)
         if not results:
-            raise InputVolumeError(f"no Synapse test case could be evaluated: "
+            raise InputVolumeError("no Synapse test case could be evaluated: "
                                    + "; ".join(f"{m['case']}: {m['reason']}" for m in missing))
     else:
         if args.raw_dir:

@@ -12,7 +12,6 @@ Nothing here imports torch at import time.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
