@@ -24,9 +24,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda → mps → cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: automatic)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
-                        help="auto (default): bf16/fp16 on GPUs, the CPU bf16 recipe on CPUs with native bf16, "
-                             "else fp32. int8: CPU only, experimental: the encoder's linears in int8 (faster, but "
-                             "it agrees less with fp32; see BENCHMARKS.md)")
+                        help="auto (default): bf16/fp16 on GPUs, fp32 on CPUs. bf16 on a CPU: the encoder's proj/MLP "
+                             "linears in bfloat16 (1.7x faster with native bf16); int8: CPU only, the encoder's "
+                             "linears in int8 (2.4x). Both agree less with fp32 than our accuracy gate asks, so they "
+                             "are opt-in (see BENCHMARKS.md)")
     parser.add_argument("--orientation", help="override the model's slice orientation: 3 letters for "
                                               "(slice, row, column), e.g. SPL")
     parser.add_argument("--authors-roundtrip", type=int, metavar="PX",
@@ -43,6 +44,15 @@ def _skip_air_default() -> str:
     return "on" if SKIP_AIR_DEFAULT else "off"
 
 
+def add_guide_arguments(parser: argparse.ArgumentParser) -> None:
+    """The guided mode (after fine-tuning): corrected slices keep their labels and guide the slices around them."""
+    parser.add_argument("--guide-labels", metavar="LABELS",
+                        help="guided mode: a label map (or .seg.nrrd) on IN's grid whose --guide-slices are corrected; "
+                             "they keep their labels, their labels are propagated onto the slices between them by "
+                             "registration and the (fine-tuned) model refines them")
+    parser.add_argument("--guide-slices", metavar="SPEC", help="the corrected k planes of --guide-labels, e.g. 0,10,20-25")
+
+
 def add_segment_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "segment", help="segment a CT volume into organs",
@@ -54,6 +64,7 @@ def add_segment_parser(subparsers) -> None:
     parser.add_argument("output", metavar="OUT")
     add_model_arguments(parser)
     add_run_arguments(parser)
+    add_guide_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     from .cohort import add_cohort_arguments  # IN a folder or .txt/.csv list: a cohort (hsam.cohort)
 
@@ -114,12 +125,24 @@ def run_segment(args) -> int:
         from tqdm import tqdm
         bar = tqdm(total=0, unit="slice", desc="segmenting", file=sys.stderr)
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int, stage: str = "segment") -> None:
         if bar is not None:
+            bar.set_description("encoding" if stage == "embed" else "segmenting", refresh=False)
             bar.total = total
             bar.n = done
             bar.refresh()
 
+    if getattr(args, "guide_labels", None):
+        from .engine.guidance import segment_guided_file
+
+        try:
+            segment_guided_file(args.input, args.output, loaded, args.guide_labels, args.guide_slices,
+                                device=args.device, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        print(f"wrote {args.output}: guided by the corrected slices {args.guide_slices} of {args.guide_labels}")
+        return 0
     try:
         result = segment_file(args.input, args.output, loaded, progress=progress, **run_options(args))
     except KeyboardInterrupt as exc:

@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--output", required=True)
     add_model_arguments(seg)
     add_run_arguments(seg)
-    seg.add_argument("--guide-labels", help="label map on the input's grid whose --guide-slices are corrected")
-    seg.add_argument("--guide-slices", help="the corrected k planes of --guide-labels, e.g. 0,10,20-25")
+    from .segment_cli import add_guide_arguments
+
+    add_guide_arguments(seg)
     from .finetune_cli import add_finetune_arguments
 
     ft = sub.add_parser("finetune")
@@ -115,20 +116,10 @@ def run_finetune(args, writer: ProtocolWriter) -> None:
 
 def run_guided_segment(args, loaded, writer: ProtocolWriter, started: float) -> None:
     """The guided segment run: corrected slices keep their labels and guide the slices around them."""
-    from .data.segfile import read_labels, write_segmentation
-    from .data.volume import read_image
-    from .engine.finetune_data import parse_slice_spec
-    from .engine.guidance import segment_guided
+    from .engine.guidance import segment_guided_file
 
-    if not args.guide_slices:
-        raise InputVolumeError("--guide-labels needs --guide-slices (the corrected slices)")
-    image = read_image(args.input)
-    labels = read_labels(args.guide_labels, image, None)
-    slices = parse_slice_spec(args.guide_slices)
-    result = segment_guided(image, labels, slices, loaded, device=args.device,
-                            progress=lambda done, total, stage: writer.send(wp.Progress(done, total, stage=stage)))
-    write_segmentation(result, loaded.description.labels, args.output,
-                       extra_metadata={"HSAM_Model": loaded.description.name, "HSAM_GuidedBy": args.guide_slices})
+    segment_guided_file(args.input, args.output, loaded, args.guide_labels, args.guide_slices, device=args.device,
+                        progress=lambda done, total, stage: writer.send(wp.Progress(done, total, stage=stage)))
     writer.send(wp.Log(f"guided by the corrected slices {args.guide_slices}, which keep their labels"))
     writer.send(wp.Result(output=str(args.output), labels=loaded.description.labels.to_json(),
                           model=loaded.description.name, seconds=round(time.perf_counter() - started, 3)))

@@ -81,6 +81,16 @@ def test_finetune_then_segment(tmp_path, base_file, capsys):
     seg = tmp_path / "seg.nrrd"
     assert run("segment", img, seg, "--checkpoint", out, "--quiet") == 0
     assert sitk.ReadImage(str(seg)).GetSize() == (32, 32, 6)
+    # guided by the corrected slices: they keep their labels exactly, the others are segmented
+    guided = tmp_path / "guided.seg.nrrd"
+    assert run("segment", img, guided, "--checkpoint", out, "--guide-labels", lab, "--guide-slices", "0,2-4",
+               "--quiet") == 0
+    result = sitk.GetArrayFromImage(sitk.ReadImage(str(guided)))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
+    assert result.shape == labels.shape and np.array_equal(result[[0, 2, 3, 4]], labels[[0, 2, 3, 4]])
+    assert "guided by the corrected slices 0,2-4" in capsys.readouterr().out
+    assert run("segment", img, tmp_path / "x.nrrd", "--checkpoint", out, "--guide-labels", lab, "--quiet") == 2
+    assert "needs --guide-slices" in capsys.readouterr().err
 
 
 def test_label_table_names_new_classes(tmp_path, base_file):

@@ -276,3 +276,24 @@ def segment_guided(image, labels, slices, loaded, *, device: str = "auto", preci
             out[reorient.model_slice_index(targets[i])] = sl
     lut = np.asarray(desc.labels.index_to_value_lut(), dtype=np.uint8)
     return labels_to_image(lut[reorient.to_input(out)], image)
+
+
+def segment_guided_file(input_path, output_path, loaded, guide_labels, guide_slices, *, device: str = "auto",
+                        progress=None, cancel=None):
+    """:func:`segment_guided` from files to a file: IN (any volume ``read_image`` reads), the corrected k planes
+    ``guide_slices`` (``"0,10,20-25"``) of the label map ``guide_labels`` (on IN's grid) → OUT (``.seg.nrrd`` or a
+    label map, written atomically). Returns the written path."""
+    from ..data.segfile import read_labels, write_segmentation
+    from ..data.volume import read_image
+    from ..errors import InputVolumeError
+    from .finetune_data import parse_slice_spec
+
+    if not guide_slices:
+        raise InputVolumeError("--guide-labels needs --guide-slices (the corrected slices, e.g. 0,10,20-25)")
+    image = read_image(input_path)
+    labels = read_labels(guide_labels, image, None)
+    slices = parse_slice_spec(guide_slices)
+    result = segment_guided(image, labels, slices, loaded, device=device, progress=progress, cancel=cancel)
+    return write_segmentation(result, loaded.description.labels, output_path,
+                              extra_metadata={"HSAM_Model": loaded.description.name,
+                                              "HSAM_GuidedBySlices": ",".join(str(k) for k in slices)})
