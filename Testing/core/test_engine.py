@@ -516,3 +516,19 @@ def test_cpu_bf16_recipe_agrees_with_fp32_on_the_fixture():
 
     assert device_mod.CPU_BF16_DECISION == passes, (f"the auto decision must follow the gate: agreement "
                                                     f"{agreement:.4%}, min per-class Dice {min(dices):.4f}")
+
+
+def test_per_batch_normalisation_gives_the_same_labels(tiny_model):
+    """``segment(raw, normalize=f)`` (what the pipeline does, without a normalised copy of the volume) equals
+    ``segment(f(raw))`` exactly, skipped slices included, and raw integer slices need ``normalize``."""
+    from hsam.data.intensity import IntensityNormalizer
+    from hsam.description import IntensitySpec
+
+    raw = (np.random.default_rng(3).normal(40, 300, size=(5, 40, 40))).astype(np.int16)
+    normalizer = IntensityNormalizer.fit(raw, IntensitySpec())  # CT window -125..275 HU
+    skip = np.array([False, True, False, False, True])
+    whole = cpu_segmenter(tiny_model, batch_size=2).segment(normalizer.apply(raw), skip=skip)
+    batched = cpu_segmenter(tiny_model, batch_size=2).segment(raw, skip=skip, normalize=normalizer.apply)
+    assert np.array_equal(whole, batched)
+    with pytest.raises(InputVolumeError, match="intensity-normalised float"):
+        cpu_segmenter(tiny_model).segment(raw)

@@ -87,9 +87,7 @@ def segment_image(image, loaded, *, device: str = "auto", batch_size: int | None
     skip = None
     if SKIP_AIR_DEFAULT if skip_air is None else skip_air:
         skip = air_slices(raw, body_threshold(normalizer))
-    slices = normalizer.apply(raw)
-    del raw
-    log.info("%d slices of %d×%d, intensity %s", *slices.shape, normalizer.describe())
+    log.info("%d slices of %d×%d, intensity %s", *raw.shape, normalizer.describe())
     skipped = _record_skipped(skip, reorient, body_threshold(normalizer), warnings)
     _add(stages, "preprocess", time.perf_counter() - started)
 
@@ -99,8 +97,8 @@ def segment_image(image, loaded, *, device: str = "auto", batch_size: int | None
     _add(stages, "setup", time.perf_counter() - mark)
     if stage_seconds is not None:
         segmenter.timer = StageTimer()
-    indices = segmenter.segment(slices, progress=progress, cancel=cancel, skip=skip)
-    del slices
+    indices = segmenter.segment(raw, progress=progress, cancel=cancel, skip=skip, normalize=normalizer.apply)
+    del raw
     if segmenter.timer is not None:
         for name, seconds in segmenter.timer.seconds.items():
             _add(stages, name, seconds)
