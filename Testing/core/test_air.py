@@ -6,28 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from hsam.data.intensity import IntensityNormalizer
 from hsam.description import IntensitySpec
 from hsam.engine import air
 from hsam.engine.inference import SliceSegmenter
 from hsam.engine.pipeline import segment_image
-from hsam.weights.loader import load_model
 from hsam_testlib import ct_like_volume
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_file):
-    return load_model(checkpoint=tiny_model_file)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixtures ``one_torch_thread``, ``tiny``: conftest.py
 
 
 def with_air_ends(image, before: int = 2, after: int = 1):

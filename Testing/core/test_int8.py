@@ -11,21 +11,10 @@ from torch import nn
 
 from hsam.engine.device import DeviceError, choose_precision
 from hsam.engine.inference import SliceSegmenter, int8_encoder_linears
-from hsam.weights.loader import load_model
 from hsam_testlib import ct_like_volume
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_file):
-    return load_model(checkpoint=tiny_model_file)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixtures ``one_torch_thread``, ``tiny``: conftest.py
 
 
 def _float_linears(module: nn.Module) -> int:
