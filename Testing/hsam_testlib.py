@@ -73,3 +73,25 @@ def ct_like_volume(shape=(6, 40, 48), spacing=(0.8, 0.8, 2.5), seed: int = 0):
     image = sitk.GetImageFromArray(volume.astype(np.int16))
     image.SetSpacing(spacing)
     return image
+
+
+def write_training_dataset(root, cases: int = 2, shape=(6, 32, 32)):
+    """A tiny training set for ``hsam train``: ``root/images`` and ``root/labels`` with ``cases`` CT-like volumes
+    (:func:`ct_like_volume`) and label maps (1 where 40 < HU < 100, 5 above 200 HU). Returns ``root``."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    root = Path(root)
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for case in range(cases):
+        image = ct_like_volume(shape=shape, seed=case)
+        array = sitk.GetArrayFromImage(image)
+        labels = np.zeros(array.shape, np.uint8)
+        labels[(array > 40) & (array < 100)] = 1
+        labels[array > 200] = 5
+        label_image = sitk.GetImageFromArray(labels)
+        label_image.CopyInformation(image)
+        sitk.WriteImage(image, str(root / "images" / f"case{case}.nii.gz"))
+        sitk.WriteImage(label_image, str(root / "labels" / f"case{case}.nii.gz"))
+    return root

@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 sitk = pytest.importorskip("SimpleITK")
 
-from hsam_testlib import ct_like_volume  # noqa: E402
+from hsam_testlib import write_training_dataset  # noqa: E402
 
 from hsam.engine import train as tr  # noqa: E402
 from hsam.weights.loader import load_model_file  # noqa: E402
@@ -28,20 +28,7 @@ COMMON = dict(global_batch=4, warmup=1, lr=1e-3, fraction=0.5, device="cpu", pre
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    (root / "images").mkdir()
-    (root / "labels").mkdir()
-    for case in range(2):
-        image = ct_like_volume(shape=(6, 32, 32), seed=case)
-        array = sitk.GetArrayFromImage(image)
-        labels = np.zeros(array.shape, np.uint8)
-        labels[(array > 40) & (array < 100)] = 1
-        labels[array > 200] = 5
-        label_image = sitk.GetImageFromArray(labels)
-        label_image.CopyInformation(image)
-        sitk.WriteImage(image, str(root / "images" / f"case{case}.nii.gz"))
-        sitk.WriteImage(label_image, str(root / "labels" / f"case{case}.nii.gz"))
-    return root
+    return write_training_dataset(tmp_path_factory.mktemp("train_data"), cases=2, shape=(6, 32, 32))
 
 
 @pytest.fixture(autouse=True)

@@ -34,23 +34,9 @@ sys.path.insert(0, str(REPO / "Testing"))
 
 
 def make_data(root: Path, size: int, depth: int, cases: int = 2) -> Path:
-    import SimpleITK as sitk
+    from hsam_testlib import write_training_dataset
 
-    from hsam_testlib import ct_like_volume
-
-    for sub in ("images", "labels"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    for case in range(cases):
-        image = ct_like_volume(shape=(depth, size, size), seed=case)
-        array = sitk.GetArrayFromImage(image)
-        labels = np.zeros(array.shape, np.uint8)
-        labels[(array > 40) & (array < 100)] = 1
-        labels[array > 200] = 5
-        label_image = sitk.GetImageFromArray(labels)
-        label_image.CopyInformation(image)
-        sitk.WriteImage(image, str(root / "images" / f"case{case}.nii.gz"))
-        sitk.WriteImage(label_image, str(root / "labels" / f"case{case}.nii.gz"))
-    return root
+    return write_training_dataset(root, cases=cases, shape=(depth, size, size))
 
 
 def make_model(path: Path, tiny: bool) -> Path:
