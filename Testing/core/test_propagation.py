@@ -49,12 +49,40 @@ def test_registered_guidance_follows_the_anatomy_where_the_blend_cannot():
 
 def test_warped_labels_stay_a_soft_partition_and_identity_is_exact():
     images, labels = moving_disk()
-    same = warp_labels(labels[2], 3, images[2], images[2])  # registering a slice onto itself moves nothing
+    same, same_image = warp_labels(labels[2], 3, images[2], images[2])  # a slice onto itself: nothing moves
     assert same.shape == (3, 64, 64)
+    assert torch.allclose(same_image, torch.from_numpy(images[2]), atol=1e-6)
     assert torch.equal(same.argmax(0), torch.from_numpy(labels[2].astype(np.int64)))
     assert torch.allclose(same[2], torch.zeros(64, 64))  # a class that is absent stays absent
-    moved = warp_labels(labels[0], 2, images[0], images[2])
+    moved, moved_image = warp_labels(labels[0], 2, images[0], images[2])
+    # the warped image of the neighbour fits the target better than the neighbour as it is
+    target = torch.from_numpy(images[2])
+    assert ((moved_image - target) ** 2).mean() < 0.5 * ((torch.from_numpy(images[0]) - target) ** 2).mean()
     assert float(moved.min()) >= 0 and float(moved.sum(0).max()) <= 1 + 1e-5
+
+
+def test_the_neighbour_whose_anatomy_matches_wins_locally(monkeypatch):
+    """A structure present on the slice below and on the target but ended before the slice above: the 1/d blend
+    of the two would halve it (and lose it where the slice above is nearer); the local fit weighting keeps it,
+    because only the slice below's warped image shows it there. Elsewhere both neighbours agree."""
+    from hsam.engine.propagation import local_fit_weight
+
+    size = 64
+    body = disk(size, (32, 32), 24)
+    lesion = disk(size, (32, 40), 6)
+    labels = {0: body + lesion, 2: body + lesion, 3: body}  # class 2 = the structure, gone on slice 3
+    images = {k: (0.1 + 0.4 * (lab >= 1) + 0.4 * (lab == 2)).astype(np.float32) for k, lab in labels.items()}
+    guide = registered_guidance(images, {0: labels[0], 3: labels[3]}, 2, num_classes=3)
+    found = guide.argmax(0).numpy()
+    assert dice(found == 2, labels[2] == 2) > 0.7  # the slice above is nearer (d = 1 vs 2), yet the lesion stays
+    assert dice(found >= 1, labels[2] >= 1) > 0.95
+    fit = local_fit_weight(images[2], torch.from_numpy(images[3]))  # slice 3 as it is, over slice 2
+    assert fit.shape == (size, size) and float(fit[32, 40]) < 0.3 and float(fit[2, 2]) > 0.99
+    import hsam.engine.propagation as propagation
+
+    monkeypatch.setattr(propagation, "FUSION_H", 1e9)  # every weight 1: the plain 1/d blend of the warped labels
+    blended = registered_guidance(images, {0: labels[0], 3: labels[3]}, 2, num_classes=3).argmax(0).numpy()
+    assert (blended == 2).sum() == 0  # 1/3 lesion vs 2/3 body everywhere: lost
 
 
 def test_large_slices_are_registered_on_a_coarser_grid():

@@ -6,9 +6,9 @@ resize to S×S on the device (bilinear, antialiased when shrinking), 1 → 3 cha
 GPUs when a reduced precision is chosen), fused logits (B, K, S, S) resized back to H×W (bilinear), argmax,
 written into one preallocated output. Logits of more than one batch never exist at a time.
 
-The caller's model is not modified: the segmenter runs its own copy with LoRA merged into the qkv weights,
-SAM's ViT attention replaced by ``hsam.model.fast_attention`` (same function, fused kernels) and, for
-``precision="bf16"`` on the CPU, the encoder's proj and MLP linears in bfloat16 (see ``hsam.engine.device``);
+The caller's model is not modified: the segmenter runs its own copy (sharing the tensors it does not change,
+``sharing_copy``) with LoRA merged into the qkv weights, SAM's ViT attention replaced by
+``hsam.model.fast_attention`` (same function, fused kernels) and, for ``precision="bf16"`` on the CPU, the encoder's proj and MLP linears in bfloat16 (see ``hsam.engine.device``);
 for ``precision="int8"`` (CPU only, opt-in) every encoder linear int8 with dynamic quantisation
 (``int8_encoder_linears``; faster than the bf16 recipe but it fails the fast-path accuracy gate, so it is never
 chosen automatically: BENCHMARKS.md "int8").
@@ -132,6 +132,24 @@ def int8_encoder_linears(encoder: nn.Module) -> int:
     return len(spec)
 
 
+def sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose modules are new but whose parameters and buffers are views of the same memory.
+
+    The preparation steps only ever *replace* tensors or modules of the copy (merged LoRA linears, bf16 and
+    int8 linears, ``.to(device)``), never write into them, so sharing is safe and the inference copy costs only
+    the tensors it changes (for ViT-B/512 in fp32 on the CPU: the merged qkv weights, not a second model; peak
+    RSS of ``hsam segment``: ``Testing/benchmarks/memory_profile.py``, BENCHMARKS.md). The new
+    parameters do not require gradients; the argument's are untouched. Training the argument in place while
+    the copy is in use would show through the unchanged tensors: make a new segmenter after changing it."""
+    memo = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if isinstance(tensor, nn.Parameter):
+            memo[id(tensor)] = nn.Parameter(tensor.detach(), requires_grad=False)
+        else:
+            memo[id(tensor)] = tensor.detach()
+    return copy.deepcopy(model, memo)
+
+
 def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
                   fast_attention: bool = True, int8: bool = False) -> nn.Module:
     """An inference copy of ``model`` on ``device``: eval mode, no gradients, LoRA merged, fast attention,
@@ -140,7 +158,7 @@ def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype | N
     from ..model.fast_attention import use_fast_attention
     from ..model.lora import merge_lora
 
-    work = copy.deepcopy(model).eval()
+    work = sharing_copy(model).eval()
     work.requires_grad_(False)
     merged = merge_lora(work)
     encoder = getattr(work, "image_encoder", None)

@@ -47,14 +47,14 @@ def _is_our_format(path: Path) -> bool:
 
 def load_model_file(path: str | Path) -> LoadedModel:
     """Our safetensors model file → LoadedModel (content hash checked, architecture checked)."""
-    from ..model import build_from_description
     from .modelfile import read_model_file
-    from .official import load_strict
+    from .official import build_with_weights
 
     path = Path(path)
     state, description = read_model_file(path)
-    model = build_from_description(description)
-    load_strict(model, dict(state), f"model file {path.name}")
+    tensors = dict(state)
+    del state  # build_with_weights replaces the tensors one by one; nothing else may keep the originals
+    model = build_with_weights(description, tensors, f"model file {path.name}")
     return LoadedModel(model.eval(), description, str(path))
 
 

@@ -8,8 +8,9 @@ Metadata (safetensors ``__metadata__``, strings only)::
 
 Reading the description (``read_description``) parses only the header (8-byte little-endian length +
 JSON) and needs no torch, so model lists open fast and before torch is installed. ``read_model_file``
-imports torch and safetensors lazily. Files are written atomically: a temporary file in the same folder,
-then ``os.replace``; a failed save leaves the previous file (or nothing), never half a file.
+imports torch lazily and reads each tensor straight into its own torch allocation (safetensors writes the
+files). Files are written atomically: a temporary file in the same folder, then ``os.replace``; a failed
+save leaves the previous file (or nothing), never half a file.
 
 Content hash, per tensor in sorted-name order: ``len(head)`` as 8 bytes little-endian, ``head`` =
 compact JSON ``[name, dtype, shape, nbytes]`` (dtype as safetensors spells it, e.g. ``"BF16"``), then the
@@ -48,6 +49,8 @@ DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2
 _TORCH_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
                  "uint16": "U16", "int16": "I16", "float16": "F16", "bfloat16": "BF16", "uint32": "U32",
                  "int32": "I32", "float32": "F32", "uint64": "U64", "int64": "I64", "float64": "F64"}
+
+_SAFETENSORS_TO_TORCH = {code: name for name, code in _TORCH_DTYPES.items()}
 
 
 class StateDict(dict):
@@ -253,21 +256,54 @@ def _compare_content(path: Path, metadata: Mapping[str, str], actual: str) -> No
 
 # ---------------------------------------------------------------------------------------------- read / write
 
+def _read_tensors(header: SafetensorsHeader) -> tuple[dict, str]:
+    """Every tensor of the file, each read straight into its own fresh torch allocation (aligned, exactly its
+    size; no intermediate buffer, so loading never holds the weights twice), and the content hash computed on
+    the way. Little-endian hosts (safetensors stores little-endian bytes)."""
+    import sys
+
+    import torch
+
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian host runs torch wheels
+        raise ModelFileError("model files can be read on little-endian machines only")
+    tensors = {}
+    digest = hashlib.sha256()
+    with open(header.path, "rb") as fh:
+        for name in sorted(header.tensors):
+            entry = header.tensors[name]
+            dtype = getattr(torch, _SAFETENSORS_TO_TORCH.get(entry["dtype"], ""), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ModelFileError(f"{header.path}: tensor {name!r} has dtype {entry['dtype']}, which this torch "
+                                     f"{torch.__version__} cannot hold")
+            begin, end = entry["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            fh.seek(header.data_start + begin)
+            view = memoryview(raw.numpy()).cast("B")
+            done = 0
+            while done < len(view):
+                count = fh.readinto(view[done:])
+                if not count:
+                    raise ModelFileError(f"{header.path} is truncated inside tensor {name!r}; copy or save it again")
+                done += count
+            digest.update(_record(name, entry["dtype"], entry["shape"], end - begin))
+            digest.update(view)
+            tensors[name] = raw.view(dtype).reshape(entry["shape"]) if end > begin else \
+                torch.empty(entry["shape"], dtype=dtype)
+    return tensors, digest.hexdigest()
+
+
 def read_model_file(path: str | os.PathLike, verify: bool = True) -> tuple[StateDict, ModelDescription]:
     """Load a model file's tensors (on CPU) and description. ``verify`` checks the content hash
     (ChecksumError if the tensors were modified)."""
     header = read_header(path)
     description = _description_from_metadata(header.path, header.metadata)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
-        tensors = load_file(str(header.path), device="cpu")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        tensors, digest = _read_tensors(header)
+    except OSError as exc:
         raise ModelFileError(f"cannot read the tensors of {header.path}: {exc}; the file is damaged, copy or save "
                              "it again") from exc
     if verify:
-        _compare_content(header.path, header.metadata, content_sha256(tensors))
+        _compare_content(header.path, header.metadata, digest)
     state = StateDict(tensors)
     state.source_path = header.path
     return state, description
