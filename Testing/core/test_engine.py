@@ -464,6 +464,41 @@ def test_fast_attention_after_lora_merge(tiny_model):
         assert (prepared.encode(x) - model.encode(x)).abs().max().item() < 1e-4
 
 
+def test_inference_copy_shares_the_weights_it_does_not_change(tiny_model):
+    """The prepared model costs only the tensors it replaces (merged qkv): the rest are the caller's memory,
+    while the caller's parameters keep their gradients and values, and the outputs equal a deep copy's."""
+    from hsam.engine.inference import sharing_copy
+
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    grads = {name: p.requires_grad for name, p in tiny_model.named_parameters()}
+    prepared = prepare_model(tiny_model, torch.device("cpu"), None)
+    original = {p.data_ptr() for p in tiny_model.parameters()}
+    prepared_ptrs = [p.data_ptr() for p in prepared.parameters()]
+    shared = sum(ptr in original for ptr in prepared_ptrs)
+    assert shared >= len(prepared_ptrs) - len(tiny_model.image_encoder.blocks) * 2  # all but qkv weight + bias
+    assert not any(p.requires_grad for p in prepared.parameters())
+    assert {name: p.requires_grad for name, p in tiny_model.named_parameters()} == grads
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        reference = prepare_model_by_deepcopy(tiny_model)(x).stage2_logits
+        assert torch.equal(prepared(x).stage2_logits, reference)
+    assert all(torch.equal(p, before[name]) for name, p in tiny_model.named_parameters())
+    copied = sharing_copy(tiny_model)
+    assert copied is not tiny_model and copied.image_encoder is not tiny_model.image_encoder
+
+
+def prepare_model_by_deepcopy(model):
+    """What ``prepare_model`` did before it shared tensors: a full deep copy, then the same steps."""
+    import hsam.engine.inference as inference
+
+    original = inference.sharing_copy
+    inference.sharing_copy = copy.deepcopy
+    try:
+        return prepare_model(model, torch.device("cpu"), None)
+    finally:
+        inference.sharing_copy = original
+
+
 def test_bf16_mlp_equals_separate_bf16_linears():
     """Keeping the MLP's hidden activation in bfloat16 is the same arithmetic as rounding it for lin2."""
     from segment_anything.modeling.common import MLPBlock

@@ -76,6 +76,26 @@ def test_model_file_round_trip_same_outputs(tmp_path):
     assert torch.equal(a.stage2_logits, b.stage2_logits) and torch.equal(a.stage1_logits, b.stage1_logits)
 
 
+def test_model_file_loads_into_the_read_tensors_exactly_as_a_copying_load(tmp_path):
+    """Built on the meta device and given the file's tensors: same values and outputs as building normally and
+    copying the state in, nothing left on the meta device, gradients as a built model has them."""
+    from hsam.model import build_from_description
+    from hsam.weights.modelfile import read_model_file
+
+    path = make_tiny_model_file(tmp_path / "m.safetensors", seed=4)
+    loaded = load_model_file(path)
+    state, description = read_model_file(path)
+    reference = build_from_description(description)
+    reference.load_state_dict(dict(state))
+    reference.eval()
+    assert not any(t.is_meta for t in list(loaded.model.parameters()) + list(loaded.model.buffers()))
+    assert [(n, p.requires_grad) for n, p in loaded.model.named_parameters()] == \
+        [(n, p.requires_grad) for n, p in reference.named_parameters()]
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(x).stage2_logits, reference(x).stage2_logits)
+
+
 def test_plain_sam_checkpoint_is_not_a_model(tmp_path):
     path = tmp_path / "sam.pth"
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1),

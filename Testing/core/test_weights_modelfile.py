@@ -63,6 +63,17 @@ def test_round_trip_is_bit_identical(tmp_path, description):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
+def test_read_tensors_are_fresh_aligned_allocations(tmp_path, description):
+    """Each tensor read owns exactly its memory, aligned as torch allocates (the model holds them as they are:
+    no second copy, and the same kernels as for a freshly allocated parameter)."""
+    path = save_model_file(tmp_path / "m.safetensors", _state(), description)
+    loaded, _ = read_model_file(path)
+    for name, tensor in loaded.items():
+        if tensor.numel():
+            assert tensor.data_ptr() % 64 == 0, name
+            assert tensor.untyped_storage().nbytes() == tensor.nbytes and tensor.is_contiguous(), name
+
+
 def test_tied_and_sliced_tensors_are_saved(tmp_path, description):
     base = torch.randn(10)
     state = {"a": base, "b": base, "slice": base[2:5]}

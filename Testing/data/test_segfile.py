@@ -225,6 +225,15 @@ def test_values_outside_the_label_set_are_refused_and_nothing_is_written(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_present_values_equals_unique_without_a_full_copy():
+    rng = np.random.default_rng(0)
+    for shape in [(40, 9, 7), (3, 5, 5), (17, 4, 4)]:
+        array = rng.choice(np.array([0, 1, 3, 200], np.uint8), size=shape, p=[0.97, 0.01, 0.01, 0.01])
+        array[-1, -1, -1] = 7  # a value only in the last plane
+        assert np.array_equal(segfile.present_values(array), np.unique(array))
+    assert np.array_equal(segfile.present_values(np.zeros((33, 2, 2), np.uint8)), [0])
+
+
 # ------------------------------------------------------------------------------------------ label maps
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])

@@ -105,7 +105,12 @@ def segment_image(image, loaded, *, device: str = "auto", batch_size: int | None
 
     mark = time.perf_counter()
     lut = np.asarray(desc.labels.index_to_value_lut(), dtype=np.uint8)
-    labels = labels_to_image(reorient.to_input(lut[indices]), image)
+    for start in range(0, len(indices), 16):  # class index → label value in place: no extra volume-sized copy
+        indices[start:start + 16] = lut[indices[start:start + 16]]
+    ordered = reorient.to_input(indices)
+    del indices
+    labels = labels_to_image(ordered, image)
+    del ordered
     _add(stages, "postprocess", time.perf_counter() - mark)
     engine = {"device": str(segmenter.device), "batch_size": segmenter.batch_size,
               "dtype": "int8" if segmenter.int8 else
