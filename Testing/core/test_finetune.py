@@ -191,9 +191,13 @@ def test_guided_training_and_guided_decode(base):
 
     image, labels = blob_volume()
     result = finetune(image, labels, [0, 2, 4, 6], base, labelset=TWO_BLOBS, steps=8, save=False,
-                      **{**FAST, "guidance": 1.0})
+                      **{**FAST, "guidance": 1.0, "validation": 0.25})
     info = result.description.provenance["finetune"]["guidance"]
     assert info["trained"] and info["decision_weight"] == 1.0
+    # the classes the model did not improve on (on the held-out slice) are recorded, by index and name
+    assert result.validation_slices and set(info["validation_dice_propagated"]) == {"round blob", "bright blob"}
+    assert set(info["prior_classes"]) <= {1, 2}
+    assert info["prior_class_names"] == [TWO_BLOBS.classes[c - 1].name for c in info["prior_classes"]]
     emb = embed_slices(result.loaded.model, image, result.description, [1, 3, 5], cache=False)
     corrected = {k: labels[k] for k in (0, 2, 4, 6)}  # identity orientation here; values = class indices
     indices, used = guided_decode(result.loaded, corrected, [1, 3, 5], emb)
@@ -208,6 +212,26 @@ def test_guided_training_and_guided_decode(base):
     guide = neighbour_guidance({0: np.zeros((4, 4), int), 4: np.ones((4, 4), int)}, 1, 3)  # constant maps
     assert guide.shape == (3, 4, 4) and torch.allclose(guide.sum(0), torch.ones(4, 4))
     assert torch.allclose(guide[0], torch.full((4, 4), 0.75)) and torch.allclose(guide[1], torch.full((4, 4), 0.25))
+
+
+def test_classes_validated_for_the_prior_keep_the_propagated_labels(base):
+    """A class whose propagated labels beat the model's guided decision on the held-out slices is kept as
+    propagated wherever it wins the guidance's arg-max, whatever the gate; the others follow the model."""
+    from hsam.engine.guidance import predict_guided, prior_classes_from_validation
+
+    nan = float("nan")
+    assert prior_classes_from_validation([0.9, 0.5, nan, 0.7], [0.8, 0.6, 0.9, 0.7]) == [2]  # ties: the model
+    model = base.model
+    image, _ = blob_volume()
+    embeddings = embed_slices(model, image, base.description, [1, 3], cache=False)
+    guides = torch.zeros(2, model.num_classes, 40, 40)
+    guides[:, 0] = 0.45  # uncertain everywhere: background 0.45, class 2 0.55 on the left half, class 1 right
+    guides[:, 2, :, :20] = 0.55
+    guides[:, 1, :, 20:] = 0.55
+    free = predict_guided(model, embeddings, guides, (40, 40), 1.0, (1.0,), gate=0.9)[1.0]
+    kept = predict_guided(model, embeddings, guides, (40, 40), 1.0, (1.0,), gate=0.9, prior_classes=[2])[1.0]
+    assert (kept[:, :, :20] == 2).all()  # class 2 won the guidance there: kept
+    assert np.array_equal(kept[:, :, 20:], free[:, :, 20:])  # elsewhere the model decides as before
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -10,9 +10,9 @@ Methods on the same given slices:
                   prompt-free H-SAM on every other slice (the default whole-volume path);
 ``hsam-guided``   the same fine-tuned model, guided by the given slices around each segmented slice, their labels
                   propagated onto it by registration (:mod:`hsam.engine.guidance`, :mod:`hsam.engine.propagation`);
-``propagation``   the guided mode's prior alone: arg-max of the registration-propagated, blurred,
-                  distance-weighted labels of the given slices below and above;
-``guidance``      the same without registration: the given slices' labels blended as they are;
+``propagation``   the guided mode's prior alone: arg-max of the labels of the given slices below and above,
+                  registration-propagated, fused per pixel by distance and local image fit, blurred;
+``guidance``      without registration: the given slices' labels blended ∝ 1/distance as they are;
 ``interpolation`` ITK morphological contour interpolation (Slicer's Fill between slices);
 ``nearest``       copy of the nearest given slice.
 """

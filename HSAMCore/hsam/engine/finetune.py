@@ -409,8 +409,9 @@ class _Loop:
                            stage2_weight=float(arr[-1, 3]), lr=float(arr[-1, 4]),
                            seconds=time.perf_counter() - started)
 
-    def validate(self, guided: bool) -> tuple[list[float], dict[float, list[float]]]:
-        """Prompt-free Dice per class on the held-out slices, and guided Dice per decision weight."""
+    def validate(self, guided: bool, with_prior: bool = False) -> tuple[list[float], dict[float, list[float]]]:
+        """Prompt-free Dice per class on the held-out slices, and guided Dice per decision weight (and with
+        ``with_prior``, under the key ``"prior"``, the Dice of the propagated labels alone)."""
         from .guidance import DECISION_WEIGHTS, predict_guided
 
         size = tuple(self.data.images.shape[1:])
@@ -424,6 +425,8 @@ class _Loop:
             preds = predict_guided(self.model, emb, self.val_guides, size, self.s.guidance_mix, weights,
                                    device=self.device, dtype=self.dtype, gate=self.s.guidance_gate)
             guided_dice = {w: dice_per_class(p, truth, self.num_classes) for w, p in preds.items()}
+            if with_prior:
+                guided_dice["prior"] = dice_per_class(self.val_guides.argmax(1).numpy(), truth, self.num_classes)
         return plain_dice, guided_dice
 
     def _val_embeddings(self):
@@ -560,16 +563,23 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
             if progress:
                 progress(settings.epochs, settings.epochs, "train")
             break
-    validation = validation_guided = None
+    validation = validation_guided = validation_prior = None
+    prior_classes: list[int] = []
     decision_weight = settings.guidance_weight
     guided_by_weight: dict = {}
     if val_pos and best_state is not None:
         student.load_state_dict(best_state)
-        plain, by_weight = loop.validate(guided)
+        plain, by_weight = loop.validate(guided, with_prior=True)
         names = [c.name for c in labelset.classes]
         validation = dict(zip(names, plain))
-        if by_weight:  # reported, not selected: held-out slices have farther neighbours than the slices segmented
-            validation_guided = dict(zip(names, by_weight[min(by_weight, key=lambda w: abs(w - decision_weight))]))
+        if by_weight:  # weights reported, not selected: held-out slices have farther neighbours than the slices
+            prior_dice = by_weight.pop("prior")  # segmented later
+            chosen = by_weight[min(by_weight, key=lambda w: abs(w - decision_weight))]
+            validation_guided = dict(zip(names, chosen))
+            validation_prior = dict(zip(names, prior_dice))
+            from .guidance import prior_classes_from_validation
+
+            prior_classes = prior_classes_from_validation(chosen, prior_dice)
             guided_by_weight = {str(w): round(_mean(v), 4) for w, v in by_weight.items()}
     timings["train"] = time.perf_counter() - t0
     student.eval().cpu()
@@ -584,7 +594,10 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
                          "propagation": "registration" if settings.propagation else "blend",
                          "decision_weight": decision_weight, "gate": settings.guidance_gate,
                          "validation_mean_by_weight": guided_by_weight or None,
-                         "validation_dice": _rounded(validation_guided)}
+                         "validation_dice": _rounded(validation_guided),
+                         "validation_dice_propagated": _rounded(validation_prior),
+                         "prior_classes": prior_classes,
+                         "prior_class_names": [labelset.classes[c - 1].name for c in prior_classes]}
     lineage = list(base.description.provenance.get("lineage", [])) + [entry]
     provenance = {"source": "fine-tuned with hsam (hsam.engine.finetune)", "heads_trained": True,
                   "base_model": base.description.name, "finetune": entry, "lineage": lineage}

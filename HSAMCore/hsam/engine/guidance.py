@@ -119,11 +119,12 @@ def fused(model, stage1_logits: torch.Tensor, stage2_logits: torch.Tensor) -> to
 def predict_guided(model, embeddings: torch.Tensor, guides: torch.Tensor, slice_size: tuple[int, int],
                    mix: float, decision_weights: Sequence[float] = (1.0,), device="cpu", dtype=None,
                    batch_size: int = 4, cancel=None, gate: float | None = None,
-                   progress=None) -> dict[float, np.ndarray]:
+                   progress=None, prior_classes: Sequence[int] = ()) -> dict[float, np.ndarray]:
     """Class indices (n, H, W) per weight λ: the model's fusion of stage 1 and ``stage 2 + λ·log(G + ε)`` (G at
     the model's input size, as in training), resized to the slice size, arg-max; with ``gate``, pixels where the
-    guidance's largest class probability reaches ``gate`` keep that class. ``guides`` (n, K, H, W) at the slice
-    size."""
+    guidance's largest class probability reaches ``gate`` keep that class, and so do pixels where the
+    guidance's arg-max is one of ``prior_classes`` (classes the model did not improve on, see
+    :func:`prior_classes_from_validation`). ``guides`` (n, K, H, W) at the slice size."""
     from ..errors import CancelledError
     from .inference import is_cancelled
     from .inference import resize_images
@@ -143,9 +144,12 @@ def predict_guided(model, embeddings: torch.Tensor, guides: torch.Tensor, slice_
             s1, s2 = decode_guided(model, emb, to_grid(guide, grid).to(device), mix)
         s1, s2 = s1.float(), s2.float()
         confident = None
-        if gate is not None:  # where the neighbours agree this much, their class is kept
+        if gate is not None or len(prior_classes):  # where the neighbours agree this much, their class is kept
             best = guide.max(1)
-            confident = (best.values >= gate, best.indices.to(torch.uint8))
+            keep = best.values >= (gate if gate is not None else math.inf)
+            if len(prior_classes):
+                keep |= torch.isin(best.indices, torch.as_tensor(list(prior_classes), dtype=best.indices.dtype))
+            confident = (keep, best.indices.to(torch.uint8))
         for w in out:
             logits = resize_images(fused(model, s1, s2 + w * log_guide), tuple(slice_size))
             pred = logits.argmax(1).to(torch.uint8).cpu()
@@ -162,7 +166,18 @@ def guidance_info(description) -> dict:
     with guidance (from its fine-tuning record; defaults for other models)."""
     info = dict(description.provenance.get("finetune", {}).get("guidance") or {})
     return {"mix": float(info.get("mix", 1.0)), "decision_weight": float(info.get("decision_weight", 1.0)),
-            "gate": info.get("gate", 0.6), "trained": bool(info.get("trained", False))}
+            "gate": info.get("gate", 0.6), "trained": bool(info.get("trained", False)),
+            "prior_classes": [int(c) for c in info.get("prior_classes") or ()]}
+
+
+def prior_classes_from_validation(guided_dice: Sequence[float], prior_dice: Sequence[float]) -> list[int]:
+    """Class indices (1..K−1) whose Dice on the held-out corrected slices was higher with the propagated labels
+    alone than with the model's guided decision (``*_dice`` per class 1..K−1, NaN where absent): for these the
+    guided mode keeps the propagated class. Held-out slices lie twice as far from their neighbours as the slices
+    segmented later, which favours the model there (the propagated labels are better closer by), so a class
+    handed to the prior here would not have been better served by the model."""
+    return [c + 1 for c, (g, p) in enumerate(zip(guided_dice, prior_dice))
+            if not (math.isnan(g) or math.isnan(p)) and p > g]
 
 
 def within_reach(corrected: Sequence[int], targets: Sequence[int]) -> list[bool]:
@@ -212,7 +227,7 @@ def guided_decode(loaded, corrected: dict[int, np.ndarray], targets: Sequence[in
         guides = guidance_for(corrected, targets, loaded.description.num_classes, images, cancel)
     preds = predict_guided(loaded.model, embeddings, guides, tuple(first.shape), info["mix"],
                            (info["decision_weight"],), device=device, dtype=dtype, cancel=cancel, gate=info["gate"],
-                           progress=progress)
+                           progress=progress, prior_classes=info["prior_classes"])
     return preds[info["decision_weight"]], info
 
 
