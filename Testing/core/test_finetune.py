@@ -198,6 +198,9 @@ def test_guided_training_and_guided_decode(base):
     assert result.validation_slices and set(info["validation_dice_propagated"]) == {"round blob", "bright blob"}
     assert set(info["prior_classes"]) <= {1, 2}
     assert info["prior_class_names"] == [TWO_BLOBS.classes[c - 1].name for c in info["prior_classes"]]
+    # stage 2 alone or the model's fusion: whichever did better on the held-out slice, both recorded
+    assert info["decision"] in ("fused", "stage2") and set(info["validation_dice_fused"]) == set(
+        info["validation_dice"])
     emb = embed_slices(result.loaded.model, image, result.description, [1, 3, 5], cache=False)
     corrected = {k: labels[k] for k in (0, 2, 4, 6)}  # identity orientation here; values = class indices
     indices, used = guided_decode(result.loaded, corrected, [1, 3, 5], emb)
@@ -232,6 +235,16 @@ def test_classes_validated_for_the_prior_keep_the_propagated_labels(base):
     kept = predict_guided(model, embeddings, guides, (40, 40), 1.0, (1.0,), gate=0.9, prior_classes=[2])[1.0]
     assert (kept[:, :, :20] == 2).all()  # class 2 won the guidance there: kept
     assert np.array_equal(kept[:, :, 20:], free[:, :, 20:])  # elsewhere the model decides as before
+    # stage 2 alone: the arg-max of stage 2 + λ·log(G + ε), stage 1 left out
+    from hsam.engine.guidance import GUIDE_EPS, decode_guided, to_grid
+    from hsam.engine.inference import resize_images
+
+    alone = predict_guided(model, embeddings, guides, (40, 40), 1.0, (1.0,), stage2_only=True)[1.0]
+    with torch.inference_mode():
+        _, s2 = decode_guided(model, embeddings, to_grid(guides, embeddings.shape[-1]), 1.0)
+        size = model.image_size
+        expected = resize_images(s2 + torch.log(resize_images(guides, (size, size)) + GUIDE_EPS), (40, 40))
+    assert np.array_equal(alone, expected.argmax(1).numpy())
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -427,6 +427,10 @@ class _Loop:
             guided_dice = {w: dice_per_class(p, truth, self.num_classes) for w, p in preds.items()}
             if with_prior:
                 guided_dice["prior"] = dice_per_class(self.val_guides.argmax(1).numpy(), truth, self.num_classes)
+                stage2 = predict_guided(self.model, emb, self.val_guides, size, self.s.guidance_mix,
+                                        [self.s.guidance_weight], device=self.device, dtype=self.dtype,
+                                        gate=self.s.guidance_gate, stage2_only=True)
+                guided_dice["stage2"] = dice_per_class(stage2[self.s.guidance_weight], truth, self.num_classes)
         return plain_dice, guided_dice
 
     def _val_embeddings(self):
@@ -563,7 +567,8 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
             if progress:
                 progress(settings.epochs, settings.epochs, "train")
             break
-    validation = validation_guided = validation_prior = None
+    validation = validation_guided = validation_prior = validation_fused = None
+    decision = "fused"
     prior_classes: list[int] = []
     decision_weight = settings.guidance_weight
     guided_by_weight: dict = {}
@@ -574,7 +579,11 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
         validation = dict(zip(names, plain))
         if by_weight:  # weights reported, not selected: held-out slices have farther neighbours than the slices
             prior_dice = by_weight.pop("prior")  # segmented later
+            stage2_dice = by_weight.pop("stage2")
             chosen = by_weight[min(by_weight, key=lambda w: abs(w - decision_weight))]
+            validation_fused = dict(zip(names, chosen))
+            if _mean(stage2_dice) > _mean(chosen):  # stage 1 does not see the guidance: leave it out
+                decision, chosen = "stage2", stage2_dice
             validation_guided = dict(zip(names, chosen))
             validation_prior = dict(zip(names, prior_dice))
             from .guidance import prior_classes_from_validation
@@ -594,7 +603,9 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
                          "propagation": "registration" if settings.propagation else "blend",
                          "decision_weight": decision_weight, "gate": settings.guidance_gate,
                          "validation_mean_by_weight": guided_by_weight or None,
+                         "decision": decision,
                          "validation_dice": _rounded(validation_guided),
+                         "validation_dice_fused": _rounded(validation_fused),
                          "validation_dice_propagated": _rounded(validation_prior),
                          "prior_classes": prior_classes,
                          "prior_class_names": [labelset.classes[c - 1].name for c in prior_classes]}

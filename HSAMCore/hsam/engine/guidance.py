@@ -12,7 +12,11 @@ the stages as usual. No parameter is added: a model fine-tuned with guidance is 
 runs prompt-free (``hsam segment``) as well; the guided path needs the corrected labels, so it is a separate
 call (:func:`segment_guided`, the benchmark, the demo). Guided decisions keep the neighbours' class where the
 guidance is confident (largest class probability ≥ ``gate``, 0.6) and take the model's elsewhere — at boundaries
-and where the neighbours disagree.
+and where the neighbours disagree. Two choices are made on the held-out corrected slices when fine-tuning and
+recorded in the model file: whether the model's decision there fuses stage 1 (prompt-free, blind to the
+guidance) with the guided stage 2 as H-SAM does, or takes the guided stage 2 alone (``decision``); and the
+classes whose propagated labels alone beat the model's decision (``prior_classes``), which keep the propagated
+class wherever it wins the guidance's arg-max.
 
 Training (``FinetuneSettings.guidance`` > 0): a batch is decoded with guidance with that probability; the
 guidance of a training slice comes from the *other* training slices (leave-one-out) or, for a share of the
@@ -119,12 +123,14 @@ def fused(model, stage1_logits: torch.Tensor, stage2_logits: torch.Tensor) -> to
 def predict_guided(model, embeddings: torch.Tensor, guides: torch.Tensor, slice_size: tuple[int, int],
                    mix: float, decision_weights: Sequence[float] = (1.0,), device="cpu", dtype=None,
                    batch_size: int = 4, cancel=None, gate: float | None = None,
-                   progress=None, prior_classes: Sequence[int] = ()) -> dict[float, np.ndarray]:
+                   progress=None, prior_classes: Sequence[int] = (),
+                   stage2_only: bool = False) -> dict[float, np.ndarray]:
     """Class indices (n, H, W) per weight λ: the model's fusion of stage 1 and ``stage 2 + λ·log(G + ε)`` (G at
     the model's input size, as in training), resized to the slice size, arg-max; with ``gate``, pixels where the
     guidance's largest class probability reaches ``gate`` keep that class, and so do pixels where the
     guidance's arg-max is one of ``prior_classes`` (classes the model did not improve on, see
-    :func:`prior_classes_from_validation`). ``guides`` (n, K, H, W) at the slice size."""
+    :func:`prior_classes_from_validation`). ``stage2_only``: decide on ``stage 2 + λ·log(G + ε)`` alone, without
+    stage 1 (which does not see the guidance). ``guides`` (n, K, H, W) at the slice size."""
     from ..errors import CancelledError
     from .inference import is_cancelled
     from .inference import resize_images
@@ -151,7 +157,8 @@ def predict_guided(model, embeddings: torch.Tensor, guides: torch.Tensor, slice_
                 keep |= torch.isin(best.indices, torch.as_tensor(list(prior_classes), dtype=best.indices.dtype))
             confident = (keep, best.indices.to(torch.uint8))
         for w in out:
-            logits = resize_images(fused(model, s1, s2 + w * log_guide), tuple(slice_size))
+            decision = s2 + w * log_guide if stage2_only else fused(model, s1, s2 + w * log_guide)
+            logits = resize_images(decision, tuple(slice_size))
             pred = logits.argmax(1).to(torch.uint8).cpu()
             if confident is not None:
                 pred = torch.where(confident[0], confident[1], pred)
@@ -167,7 +174,8 @@ def guidance_info(description) -> dict:
     info = dict(description.provenance.get("finetune", {}).get("guidance") or {})
     return {"mix": float(info.get("mix", 1.0)), "decision_weight": float(info.get("decision_weight", 1.0)),
             "gate": info.get("gate", 0.6), "trained": bool(info.get("trained", False)),
-            "prior_classes": [int(c) for c in info.get("prior_classes") or ()]}
+            "prior_classes": [int(c) for c in info.get("prior_classes") or ()],
+            "decision": str(info.get("decision", "fused"))}
 
 
 def prior_classes_from_validation(guided_dice: Sequence[float], prior_dice: Sequence[float]) -> list[int]:
@@ -227,7 +235,8 @@ def guided_decode(loaded, corrected: dict[int, np.ndarray], targets: Sequence[in
         guides = guidance_for(corrected, targets, loaded.description.num_classes, images, cancel)
     preds = predict_guided(loaded.model, embeddings, guides, tuple(first.shape), info["mix"],
                            (info["decision_weight"],), device=device, dtype=dtype, cancel=cancel, gate=info["gate"],
-                           progress=progress, prior_classes=info["prior_classes"])
+                           progress=progress, prior_classes=info["prior_classes"],
+                           stage2_only=info["decision"] == "stage2")
     return preds[info["decision_weight"]], info
 
 
