@@ -577,8 +577,10 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
         plain, by_weight = loop.validate(guided, with_prior=True)
         names = [c.name for c in labelset.classes]
         validation = dict(zip(names, plain))
-        if by_weight:  # weights reported, not selected: held-out slices have farther neighbours than the slices
-            prior_dice = by_weight.pop("prior")  # segmented later
+        if by_weight:
+            # decision weights are reported, not selected: held-out slices have farther neighbours than the slices
+            # segmented later
+            prior_dice = by_weight.pop("prior")
             stage2_dice = by_weight.pop("stage2")
             chosen = by_weight[min(by_weight, key=lambda w: abs(w - decision_weight))]
             validation_fused = dict(zip(names, chosen))

@@ -184,7 +184,7 @@ def prior_classes_from_validation(guided_dice: Sequence[float], prior_dice: Sequ
     alone than with the model's guided decision (``*_dice`` per class 1..K−1, NaN where absent): for these the
     guided mode keeps the propagated class. Held-out slices lie twice as far from their neighbours as the slices
     segmented later, which favours the model there (the propagated labels are better closer by), so a class
-    handed to the prior here would not have been better served by the model."""
+    handed to the prior here would most likely not have been better served by the model."""
     return [c + 1 for c, (g, p) in enumerate(zip(guided_dice, prior_dice))
             if not (math.isnan(g) or math.isnan(p)) and p > g]
 
