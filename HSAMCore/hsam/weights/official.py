@@ -155,9 +155,9 @@ def build_with_weights(description, state: dict, what: str):
     """The model ``description`` describes, holding the tensors of ``state`` themselves (no second copy).
 
     Built on the meta device and the state's tensors assigned (cast to each parameter's dtype where they
-    differ), so loading never holds the weights twice nor spends time on random initialisation: for ViT-B/512
-    this lowered the RSS after loading a model file from +548 MB to about the size of the weights
-    (``Testing/benchmarks/memory_profile.py``). Architectures that cannot be built on the meta device (TinyViT
+    differ), so loading never holds the weights twice nor spends time on random initialisation: loading a
+    ViT-B/512 model file peaked at +923 MB before and +546 MB after (importing the model code 164 MB, the
+    weights 376 MB; ``Testing/benchmarks/memory_profile.py``, with the file read of ``read_model_file``). Architectures that cannot be built on the meta device (TinyViT
     computes values at construction) are built normally and the state is copied in. The same readable
     errors as :func:`load_strict`. ``state`` ends up holding the model's own tensors."""
     import torch
