@@ -356,7 +356,28 @@ class FinetuneJob(WorkerJob):
         best = self.best_validation
         score = f"; best validation Dice {best.dice:.3f} (epoch {best.epoch})" if best else ""
         self._log("info", f"Fine-tuned model '{self.model_name}' saved in {path.parent}{score}.")
+        guided = guided_decision_summary(path)
+        if guided:
+            self._log("info", guided)
         self._finish(JobState.SUCCEEDED)
+
+
+def guided_decision_summary(model_path: Path) -> str:
+    """One sentence on what the held-out corrected slices decided for the guided re-segmentation (from the
+    model file's record; empty when the model was not validated with guidance)."""
+    from hsam.weights.modelfile import read_description
+
+    try:
+        info = read_description(model_path).provenance.get("finetune", {}).get("guidance") or {}
+    except HSAMError:
+        return ""
+    if not info.get("validation_dice_propagated"):
+        return ""
+    names = info.get("prior_class_names") or []
+    kept = (f"keeps the propagated labels of {', '.join(names)} (they beat the model on the held-out slices)"
+            if names else "follows the model for every structure")
+    stage = "stage 2 alone" if info.get("decision") == "stage2" else "both stages"
+    return f"Segment again with the corrected slices as guide: {kept}; the model decides with {stage}."
 
 
 def finetune_request(volume: Any, segmentation: Any, slices: Any, base: ModelChoice | None, mode: str = "fast",

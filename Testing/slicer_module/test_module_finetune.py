@@ -276,3 +276,23 @@ def test_segment_correct_finetune_segment_again_with_the_real_worker(scene, tiny
     case = unittest.TestCase()
     case.delayDisplay = lambda message: None
     selftest.check_finetune_flow(case, logic, scene, model, timeout=600)
+
+
+def test_the_finished_finetune_says_what_the_held_out_slices_decided(tmp_path):
+    """After fine-tuning, one line tells the user how "segment again" with the corrected slices will decide,
+    read from the new model file's record; nothing is said for a model validated without guidance."""
+    from hsam_testlib import make_tiny_model_file
+    from HSAMSegmentLib.finetune import guided_decision_summary
+
+    def model(name, guidance):
+        return make_tiny_model_file(tmp_path / f"{name}.safetensors",
+                                    provenance={"source": "tests", "finetune": {"guidance": guidance}})
+
+    validated = {"validation_dice_propagated": {"liver": 0.9}, "prior_class_names": ["liver", "spleen"],
+                 "decision": "fused"}
+    text = guided_decision_summary(model("a", validated))
+    assert "keeps the propagated labels of liver, spleen" in text and "both stages" in text
+    alone = guided_decision_summary(model("b", {**validated, "prior_class_names": [], "decision": "stage2"}))
+    assert "follows the model for every structure" in alone and "stage 2 alone" in alone
+    assert guided_decision_summary(model("c", {"trained": True})) == ""
+    assert guided_decision_summary(tmp_path / "missing.safetensors") == ""
