@@ -85,15 +85,15 @@ def test_model_file_loads_into_the_read_tensors_exactly_as_a_copying_load(tmp_pa
     path = make_tiny_model_file(tmp_path / "m.safetensors", seed=4)
     loaded = load_model_file(path)
     state, description = read_model_file(path)
-    reference = build_from_description(description)
-    reference.load_state_dict(dict(state))
-    reference.eval()
+    copied = build_from_description(description)
+    copied.load_state_dict(dict(state))
+    copied.eval()
     assert not any(t.is_meta for t in list(loaded.model.parameters()) + list(loaded.model.buffers()))
     assert [(n, p.requires_grad) for n, p in loaded.model.named_parameters()] == \
-        [(n, p.requires_grad) for n, p in reference.named_parameters()]
+        [(n, p.requires_grad) for n, p in copied.named_parameters()]
     x = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
-        assert torch.equal(loaded.model(x).stage2_logits, reference(x).stage2_logits)
+        assert torch.equal(loaded.model(x).stage2_logits, copied(x).stage2_logits)
 
 
 def test_plain_sam_checkpoint_is_not_a_model(tmp_path):

@@ -120,7 +120,7 @@ def load_registered(model_id: str, labels: LabelSet | None = None) -> LoadedMode
         model, description, report = build_litemedsam_base(chosen, paths["checkpoint"])
         return LoadedModel(model, description, model_id, report.summary())
     raise ModelFileError(f"{model_id} ({entry.kind}) is not a segmentation model by itself"
-                         + (f"; it is required by others" if entry.kind == "sam-base" else ""))
+                         + ("; it is required by others" if entry.kind == "sam-base" else ""))
 
 
 def load_model(model: str | None = None, checkpoint: str | Path | None = None,
