@@ -377,7 +377,9 @@ def guided_decision_summary(model_path: Path) -> str:
     kept = (f"keeps the propagated labels of {', '.join(names)} (they beat the model on the held-out slices)"
             if names else "follows the model for every structure")
     stage = "stage 2 alone" if info.get("decision") == "stage2" else "both stages"
-    return f"Segment again with the corrected slices as guide: {kept}; the model decides with {stage}."
+    weight = info.get("decision_weight")
+    leaning = f", weighing the propagated labels ×{float(weight):g}" if weight is not None else ""
+    return f"Segment again with the corrected slices as guide: {kept}; the model decides with {stage}{leaning}."
 
 
 def finetune_request(volume: Any, segmentation: Any, slices: Any, base: ModelChoice | None, mode: str = "fast",

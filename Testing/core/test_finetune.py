@@ -187,13 +187,18 @@ def test_full_mode_trains_lora_and_decoders_only(base):
 
 
 def test_guided_training_and_guided_decode(base):
-    from hsam.engine.guidance import guided_decode, neighbour_guidance, segment_guided, within_reach
+    from hsam.engine.guidance import DECISION_WEIGHTS, guided_decode, neighbour_guidance, segment_guided, within_reach
 
     image, labels = blob_volume()
     result = finetune(image, labels, [0, 2, 4, 6], base, labelset=TWO_BLOBS, steps=8, save=False,
                       **{**FAST, "guidance": 1.0, "validation": 0.25})
     info = result.description.provenance["finetune"]["guidance"]
-    assert info["trained"] and info["decision_weight"] == 1.0
+    assert info["trained"] and info["decision_weight"] in {1.0 * f for f in DECISION_WEIGHTS}
+    # every weight was scored on the held-out slice, for both decisions, and the recorded one scored best
+    scored = {**{("fused", w): m for w, m in info["validation_mean_by_weight"].items()},
+              **{("stage2", w): m for w, m in info["validation_mean_by_weight_stage2"].items()}}
+    assert len(scored) == 2 * len(DECISION_WEIGHTS)
+    assert scored[(info["decision"], str(info["decision_weight"]))] == max(scored.values())
     # the classes the model did not improve on (on the held-out slice) are recorded, by index and name
     assert result.validation_slices and set(info["validation_dice_propagated"]) == {"round blob", "bright blob"}
     assert set(info["prior_classes"]) <= {1, 2}
@@ -204,7 +209,8 @@ def test_guided_training_and_guided_decode(base):
     emb = embed_slices(result.loaded.model, image, result.description, [1, 3, 5], cache=False)
     corrected = {k: labels[k] for k in (0, 2, 4, 6)}  # identity orientation here; values = class indices
     indices, used = guided_decode(result.loaded, corrected, [1, 3, 5], emb)
-    assert indices.shape == (3, 40, 40) and indices.dtype == np.uint8 and used["decision_weight"] == 1.0
+    assert indices.shape == (3, 40, 40) and indices.dtype == np.uint8
+    assert used["decision_weight"] == info["decision_weight"] and used["decision"] == info["decision"]
     # the whole volume, guided by its corrected slices: those keep their labels, the others are segmented
     volume = segment_guided(image, labels, [0, 2, 4, 6], result.loaded, device="cpu", precision="fp32",
                             cache=False)
@@ -215,6 +221,30 @@ def test_guided_training_and_guided_decode(base):
     guide = neighbour_guidance({0: np.zeros((4, 4), int), 4: np.ones((4, 4), int)}, 1, 3)  # constant maps
     assert guide.shape == (3, 4, 4) and torch.allclose(guide.sum(0), torch.ones(4, 4))
     assert torch.allclose(guide[0], torch.full((4, 4), 0.75)) and torch.allclose(guide[1], torch.full((4, 4), 0.25))
+
+
+def test_guided_decision_is_the_best_on_the_held_out_slices():
+    """Decision and weight: the highest mean Dice over both decisions and all weights (NaN classes left out);
+    ties go to the fused decision, then to the weight closest to the trained one; the prior classes are judged
+    against the chosen decision."""
+    from hsam.engine.guidance import choose_guided_decision
+
+    nan = float("nan")
+    fused = {0.5: [0.70, 0.80], 1.0: [0.72, 0.80], 4.0: [0.75, 0.81], 8.0: [0.74, 0.81]}  # best: 4.0, 0.78
+    stage2 = {0.5: [0.60, 0.80], 1.0: [0.70, 0.80], 4.0: [0.74, 0.80], 8.0: [0.79, nan]}  # 8.0: 0.79
+    choice = choose_guided_decision(fused, stage2, [0.80, 0.90], 1.0)
+    assert (choice.decision, choice.weight) == ("stage2", 8.0)
+    assert choice.dice[0] == 0.79 and choice.prior_classes == [1]  # class 2 absent there: not judged
+    assert choose_guided_decision(fused, {}, [0.80, 0.90], 1.0).weight == 4.0
+    ties = ({1.0: [0.8], 4.0: [0.8]}, {1.0: [0.8], 4.0: [0.8]})
+    assert choose_guided_decision(*ties, None, 1.0) == choose_guided_decision(*ties, None, 0.9)
+    assert (choose_guided_decision(*ties, None, 1.0).decision, choose_guided_decision(*ties, None, 1.0).weight) \
+        == ("fused", 1.0)
+    assert choose_guided_decision(*ties, None, 3.0).weight == 4.0
+    assert choose_guided_decision({1.0: [0.8], 16.0: [0.8]}, {}, None, 8.0).weight == 16.0
+    assert choose_guided_decision({1.0: [0.8], 4.0: [0.81]}, {}, None, 1.0).prior_classes == []
+    with pytest.raises(ValueError):
+        choose_guided_decision({}, {}, None, 1.0)
 
 
 def test_classes_validated_for_the_prior_keep_the_propagated_labels(base):

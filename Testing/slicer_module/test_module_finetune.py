@@ -289,9 +289,10 @@ def test_the_finished_finetune_says_what_the_held_out_slices_decided(tmp_path):
                                     provenance={"source": "tests", "finetune": {"guidance": guidance}})
 
     validated = {"validation_dice_propagated": {"liver": 0.9}, "prior_class_names": ["liver", "spleen"],
-                 "decision": "fused"}
+                 "decision": "fused", "decision_weight": 8.0}
     text = guided_decision_summary(model("a", validated))
     assert "keeps the propagated labels of liver, spleen" in text and "both stages" in text
+    assert "weighing the propagated labels ×8" in text
     alone = guided_decision_summary(model("b", {**validated, "prior_class_names": [], "decision": "stage2"}))
     assert "follows the model for every structure" in alone and "stage 2 alone" in alone
     assert guided_decision_summary(model("c", {"trained": True})) == ""

@@ -409,9 +409,11 @@ class _Loop:
                            stage2_weight=float(arr[-1, 3]), lr=float(arr[-1, 4]),
                            seconds=time.perf_counter() - started)
 
-    def validate(self, guided: bool, with_prior: bool = False) -> tuple[list[float], dict[float, list[float]]]:
-        """Prompt-free Dice per class on the held-out slices, and guided Dice per decision weight (and with
-        ``with_prior``, under the key ``"prior"``, the Dice of the propagated labels alone)."""
+    def validate(self, guided: bool, with_prior: bool = False) -> tuple[list[float], dict[float, list[float]],
+                                                                        dict[float, list[float]], list[float] | None]:
+        """Dice per class on the held-out slices: prompt-free; guided (the fused decision) per decision weight;
+        and with ``with_prior``, guided with stage 2 alone per decision weight and the propagated labels alone
+        (else ``{}`` and None)."""
         from .guidance import DECISION_WEIGHTS, predict_guided
 
         size = tuple(self.data.images.shape[1:])
@@ -419,19 +421,20 @@ class _Loop:
         emb = self._val_embeddings()
         plain = predict_embeddings(self.model, emb, size, self.device, self.dtype)
         plain_dice = dice_per_class(plain, truth, self.num_classes)
-        guided_dice: dict[float, list[float]] = {}
+        fused_dice: dict[float, list[float]] = {}
+        stage2_dice: dict[float, list[float]] = {}
+        prior_dice = None
         if guided and self.val_guides is not None:
             weights = sorted({self.s.guidance_weight * f for f in DECISION_WEIGHTS})
-            preds = predict_guided(self.model, emb, self.val_guides, size, self.s.guidance_mix, weights,
-                                   device=self.device, dtype=self.dtype, gate=self.s.guidance_gate)
-            guided_dice = {w: dice_per_class(p, truth, self.num_classes) for w, p in preds.items()}
+            for stage2_only in ((False, True) if with_prior else (False,)):
+                preds = predict_guided(self.model, emb, self.val_guides, size, self.s.guidance_mix, weights,
+                                       device=self.device, dtype=self.dtype, gate=self.s.guidance_gate,
+                                       stage2_only=stage2_only)
+                scores = {w: dice_per_class(p, truth, self.num_classes) for w, p in preds.items()}
+                (stage2_dice if stage2_only else fused_dice).update(scores)
             if with_prior:
-                guided_dice["prior"] = dice_per_class(self.val_guides.argmax(1).numpy(), truth, self.num_classes)
-                stage2 = predict_guided(self.model, emb, self.val_guides, size, self.s.guidance_mix,
-                                        [self.s.guidance_weight], device=self.device, dtype=self.dtype,
-                                        gate=self.s.guidance_gate, stage2_only=True)
-                guided_dice["stage2"] = dice_per_class(stage2[self.s.guidance_weight], truth, self.num_classes)
-        return plain_dice, guided_dice
+                prior_dice = dice_per_class(self.val_guides.argmax(1).numpy(), truth, self.num_classes)
+        return plain_dice, fused_dice, stage2_dice, prior_dice
 
     def _val_embeddings(self):
         import torch
@@ -540,7 +543,7 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
     for epoch in range(settings.epochs):
         record = loop.epoch(train_pos, epoch, lr_fn)
         if val_pos and ((epoch + 1) % settings.eval_every == 0 or epoch == settings.epochs - 1):
-            plain, by_weight = loop.validate(guided)
+            plain, by_weight, _, _ = loop.validate(guided)
             record.val_dice = dict(zip([c.name for c in labelset.classes], plain))
             record.val_mean = _mean(plain)
             if by_weight:
@@ -572,26 +575,22 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
     prior_classes: list[int] = []
     decision_weight = settings.guidance_weight
     guided_by_weight: dict = {}
+    stage2_by_weight_means: dict = {}
     if val_pos and best_state is not None:
         student.load_state_dict(best_state)
-        plain, by_weight = loop.validate(guided, with_prior=True)
+        plain, by_weight, stage2_by_weight, prior_dice = loop.validate(guided, with_prior=True)
         names = [c.name for c in labelset.classes]
         validation = dict(zip(names, plain))
         if by_weight:
-            # decision weights are reported, not selected: held-out slices have farther neighbours than the slices
-            # segmented later
-            prior_dice = by_weight.pop("prior")
-            stage2_dice = by_weight.pop("stage2")
-            chosen = by_weight[min(by_weight, key=lambda w: abs(w - decision_weight))]
-            validation_fused = dict(zip(names, chosen))
-            if _mean(stage2_dice) > _mean(chosen):  # stage 1 does not see the guidance: leave it out
-                decision, chosen = "stage2", stage2_dice
-            validation_guided = dict(zip(names, chosen))
-            validation_prior = dict(zip(names, prior_dice))
-            from .guidance import prior_classes_from_validation
+            from .guidance import choose_guided_decision
 
-            prior_classes = prior_classes_from_validation(chosen, prior_dice)
+            choice = choose_guided_decision(by_weight, stage2_by_weight, prior_dice, settings.guidance_weight)
+            decision, decision_weight, prior_classes = choice.decision, choice.weight, choice.prior_classes
+            validation_fused = dict(zip(names, by_weight[decision_weight]))
+            validation_guided = dict(zip(names, choice.dice))
+            validation_prior = dict(zip(names, prior_dice))
             guided_by_weight = {str(w): round(_mean(v), 4) for w, v in by_weight.items()}
+            stage2_by_weight_means = {str(w): round(_mean(v), 4) for w, v in stage2_by_weight.items()}
     timings["train"] = time.perf_counter() - t0
     student.eval().cpu()
     for p in student.parameters():
@@ -605,6 +604,7 @@ def _train_and_package(student, description, reused, settings, device, dtype, da
                          "propagation": "registration" if settings.propagation else "blend",
                          "decision_weight": decision_weight, "gate": settings.guidance_gate,
                          "validation_mean_by_weight": guided_by_weight or None,
+                         "validation_mean_by_weight_stage2": stage2_by_weight_means or None,
                          "decision": decision,
                          "validation_dice": _rounded(validation_guided),
                          "validation_dice_fused": _rounded(validation_fused),

@@ -12,11 +12,13 @@ the stages as usual. No parameter is added: a model fine-tuned with guidance is 
 runs prompt-free (``hsam segment``) as well; the guided path needs the corrected labels, so it is a separate
 call (:func:`segment_guided`, the benchmark, the demo). Guided decisions keep the neighbours' class where the
 guidance is confident (largest class probability ≥ ``gate``, 0.6) and take the model's elsewhere — at boundaries
-and where the neighbours disagree. Two choices are made on the held-out corrected slices when fine-tuning and
-recorded in the model file: whether the model's decision there fuses stage 1 (prompt-free, blind to the
-guidance) with the guided stage 2 as H-SAM does, or takes the guided stage 2 alone (``decision``); and the
-classes whose propagated labels alone beat the model's decision (``prior_classes``), which keep the propagated
-class wherever it wins the guidance's arg-max.
+and where the neighbours disagree. Three choices are made on the held-out corrected slices when fine-tuning and
+recorded in the model file (:func:`choose_guided_decision`): whether the model's decision there fuses stage 1
+(prompt-free, blind to the guidance) with the guided stage 2 as H-SAM does, or takes the guided stage 2 alone
+(``decision``); the weight λ of ``log(G + ε)`` in that decision (``decision_weight``, from ``DECISION_WEIGHTS``
+× the trained weight: a larger λ leans on the propagated labels); and the classes whose propagated labels alone
+beat the model's decision (``prior_classes``), which keep the propagated class wherever it wins the guidance's
+arg-max.
 
 Training (``FinetuneSettings.guidance`` > 0): a batch is decoded with guidance with that probability; the
 guidance of a training slice comes from the *other* training slices (leave-one-out) or, for a share of the
@@ -33,6 +35,7 @@ slices given): the guided model 0.619 / 0.823 / 0.888 / 0.922 mean Dice, its reg
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -45,7 +48,9 @@ GUIDE_EPS = 1e-3
 # σ = max(1, d/4) 0.877 / 0.773 / 0.930 / 0.538; linear interpolation of signed distance maps 0.878 / 0.754 /
 # 0.936 / 0.422; ITK morphological contour interpolation 0.859 / 0.742 / 0.917 / 0.408.
 GUIDE_SIGMA = 2.0
-DECISION_WEIGHTS = (0.5, 1.0, 2.0)  # factors of the trained weight tried on the held-out slices
+# Factors of the trained weight λ tried on the held-out corrected slices (:func:`choose_guided_decision`); a large
+# λ leans on the propagated labels, λ → ∞ is the propagated labels alone.
+DECISION_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -187,6 +192,48 @@ def prior_classes_from_validation(guided_dice: Sequence[float], prior_dice: Sequ
     handed to the prior here would most likely not have been better served by the model."""
     return [c + 1 for c, (g, p) in enumerate(zip(guided_dice, prior_dice))
             if not (math.isnan(g) or math.isnan(p)) and p > g]
+
+
+@dataclass
+class GuidedDecision:
+    """How the guided mode decides, chosen on the held-out corrected slices: ``decision`` "fused" (H-SAM's fusion
+    of stage 1 and the guided stage 2) or "stage2" (the guided stage 2 alone), the decision ``weight`` λ, their
+    Dice per class 1..K−1 there (``dice``), and the classes that keep the propagated labels (``prior_classes``)."""
+
+    decision: str
+    weight: float
+    dice: list[float]
+    prior_classes: list[int]
+
+
+def _mean_present(values: Sequence[float]) -> float:
+    present = [v for v in values if not math.isnan(v)]
+    return sum(present) / len(present) if present else 0.0
+
+
+def choose_guided_decision(fused_dice: dict[float, Sequence[float]], stage2_dice: dict[float, Sequence[float]],
+                           prior_dice: Sequence[float] | None, trained_weight: float) -> GuidedDecision:
+    """The decision (fused or stage 2 alone) and weight λ with the highest mean Dice on the held-out corrected
+    slices (``*_dice`` {λ: Dice per class 1..K−1, NaN where absent}; ties, within 1e-4, go to the fused decision,
+    then to the λ closest to the ``trained_weight``), and the classes whose propagated labels alone
+    (``prior_dice``) beat it there (:func:`prior_classes_from_validation`).
+
+    Held-out slices lie twice as far from their neighbours as the slices segmented later, and the propagated
+    labels are better closer by, so the held-out slices favour the model: a λ chosen there errs towards the model
+    (small λ), not towards the propagated labels."""
+    if not fused_dice:
+        raise ValueError("no guided validation scores to choose from")
+
+    def rank(item):
+        (decision, weight), dice = item
+        closeness = -abs(math.log(weight / trained_weight)) if weight > 0 and trained_weight > 0 else 0.0
+        return round(_mean_present(dice), 4), decision == "fused", closeness
+
+    candidates = {("fused", float(w)): list(d) for w, d in fused_dice.items()}
+    candidates.update({("stage2", float(w)): list(d) for w, d in stage2_dice.items()})
+    (decision, weight), dice = max(candidates.items(), key=rank)
+    prior = prior_classes_from_validation(dice, prior_dice) if prior_dice is not None else []
+    return GuidedDecision(decision=decision, weight=weight, dice=dice, prior_classes=prior)
 
 
 def within_reach(corrected: Sequence[int], targets: Sequence[int]) -> list[bool]:
