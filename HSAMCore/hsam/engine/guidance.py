@@ -214,7 +214,7 @@ def _mean_present(values: Sequence[float]) -> float:
 def choose_guided_decision(fused_dice: dict[float, Sequence[float]], stage2_dice: dict[float, Sequence[float]],
                            prior_dice: Sequence[float] | None, trained_weight: float) -> GuidedDecision:
     """The decision (fused or stage 2 alone) and weight λ with the highest mean Dice on the held-out corrected
-    slices (``*_dice`` {λ: Dice per class 1..K−1, NaN where absent}; ties, within 1e-4, go to the fused decision,
+    slices (``*_dice`` {λ: Dice per class 1..K−1, NaN where absent}; ties, equal to 4 decimals, go to the fused decision,
     then to the λ closest to the ``trained_weight``), and the classes whose propagated labels alone
     (``prior_dice``) beat it there (:func:`prior_classes_from_validation`).
 
